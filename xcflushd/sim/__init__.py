@@ -1,0 +1,1 @@
+"""A 3scale Service Management API simulator for tests, benchmarks and offline staging."""
