@@ -1,0 +1,51 @@
+# xcflushd — developer and release tasks. Every knob is ?= overridable; `make help` lists targets.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+SYSTEM_PACKAGES_FILE := tests/system-packages.txt
+
+.DEFAULT_GOAL := help
+.PHONY: help deps install run test lint clean bench chaos
+
+help:
+	@echo "make run      run the daemon against a local redis-server and backend simulator (Ctrl-C stops all)"
+	@echo "make test     run the test suite (installs what is missing first)"
+	@echo "make lint     ruff over the package and tests"
+	@echo "make bench    flush-cycle and priority-path benchmark (JSON + table + plot)"
+	@echo "make clean    remove the virtualenv, build outputs and caches"
+
+# System packages the tests need (redis-server, gnupg, ...). Installed with apt-get
+# only when missing, so a second run costs nothing.
+deps:
+	@missing=$$(grep -v '^\s*#' $(SYSTEM_PACKAGES_FILE) | awk '{print $$1}' | grep . | \
+	  while read p; do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:" $$missing; \
+	  if [ "$$(id -u)" != 0 ]; then SUDO=sudo; fi; \
+	  $$SUDO apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$missing >/dev/null; \
+	fi
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: deps install
+	$(PY) -m xcflushd.devrun
+
+test: deps install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check xcflushd tests
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+-include signing/release.mk
