@@ -1,0 +1,1 @@
+"""Reusable test lab: real systemd nodes booted with systemd-nspawn (see nspawn.py)."""

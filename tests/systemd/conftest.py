@@ -1,0 +1,34 @@
+"""Fixtures for the systemd tests: the unit files, a notify socket, the nspawn lab."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parents[1]
+REPO = TESTS.parent
+SYSTEMD_DIR = REPO / "systemd"
+UNIT = SYSTEMD_DIR / "xcflushd.service"
+
+if str(TESTS) not in sys.path:  # makes `lab` (tests/lab) importable
+    sys.path.insert(0, str(TESTS))
+
+from lab.notifysock import NotifyListener  # noqa: E402
+from lab.units import parse_unit  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def unit_text() -> str:
+    return UNIT.read_text()
+
+
+@pytest.fixture(scope="session")
+def unit(unit_text) -> dict:
+    return parse_unit(unit_text)
+
+
+@pytest.fixture
+def notify_socket(tmp_path):
+    listener = NotifyListener(tmp_path / "notify.sock")
+    yield listener
+    listener.close()
