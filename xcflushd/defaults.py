@@ -1,0 +1,36 @@
+"""Defaults and fixed names. Durations are in seconds unless the name says otherwise."""
+
+REDIS_PORT = 6379
+BACKEND_URL = "https://su1.3scale.net"
+CONFIG_FILE = "/etc/xcflushd/xcflushd.conf"
+
+AUTH_TTL = 900                  # lifetime of a cached authorization written by the daemon
+FREQUENCY = 300                 # seconds between the starts of two flush cycles
+REPORT_AUTH_WAIT = 5            # reports are applied asynchronously by the backend
+REPORT_BATCH_SIZE = 1000        # backend documents 1000 transactions per report call
+REPORT_BATCH_MAX_PARAMS = 4000  # current backend rejects bodies over 4096 form parameters
+THREADS = 16                    # flush-cycle HTTP concurrency
+PRIO_THREADS = 8                # priority-renewer HTTP concurrency
+BACKEND_CONNECT_TIMEOUT = 5
+BACKEND_READ_TIMEOUT = 10
+MAX_TERM_WAIT = 30              # graceful stop budget after SIGTERM
+
+REDIS_CHUNK = 1000              # keys per pipelined Redis round trip
+LEASE_TTL = 60                  # a cycle's claim on its hand-over keys; renewed while it works
+RECOVERY_INTERVAL = 30          # how often to SCAN for keys left behind by a dead cycle
+DEAD_LETTER_AFTER = 3           # cycles a hopeless report is retried before it is set aside
+PUBLISH_RETRY_DELAYS = (0.002, 0.005, 0.005, 0.010, 0.015)  # as the Ruby daemon
+MAX_RESPONSE_BYTES = 1 << 20    # a status document is a few KB; anything huge is garbage
+
+# Redis names fixed by the gateway (apicast-xc); see shared protocol, section 7.
+REPORT_KEYS_SET = "report_keys"
+FLUSHING_PREFIX = "flushing_report_keys"
+TO_FLUSH_PREFIX = "to_flush:"
+AUTH_REQUESTS_CHANNEL = "xc_channel_auth_requests"
+AUTH_RESPONSES_CHANNEL_PREFIX = "xc_channel_auth_response:"
+
+# Redis names of our own.
+DEAD_LETTER_HASH = "xcflushd:dead_letter"
+FAILURES_HASH = "xcflushd:report_failures"
+LEASE_PREFIX = "xcflushd:lease:"
+QUARANTINE_PREFIX = "xcflushd:quarantine:"

@@ -1,0 +1,41 @@
+"""Exceptions, grouped by what the caller can do about them.
+
+Messages never carry secrets (provider key, service tokens, passwords) nor
+full application credentials: they end up in logs.
+"""
+
+
+class XcflushdError(Exception):
+    """Root of every error this package raises on purpose."""
+
+
+class ConfigError(XcflushdError):
+    """Bad option, config file or secret source. The CLI prints it and exits 2."""
+
+
+class MalformedKey(XcflushdError):
+    """A Redis key or pub/sub message that does not follow the gateway's format."""
+
+
+class BackendError(XcflushdError):
+    """A backend call that did not succeed."""
+
+
+class BackendUnavailable(BackendError):
+    """Transport failure, timeout, 5xx or a body that is not what the API returns.
+
+    Retrying later may work.
+    """
+
+
+class BackendRejected(BackendError):
+    """The backend answered 4xx with (or without) an error document."""
+
+    def __init__(self, status, code, message=""):
+        self.status = status
+        self.code = code or ""
+        super().__init__(f"HTTP {status} {self.code or '(no error code)'}: {message}".rstrip(": "))
+
+
+class StorageUnavailable(XcflushdError):
+    """Redis could not be reached or answered an error to a command we need."""
