@@ -1,0 +1,290 @@
+"""One flush cycle: cached reports -> backend -> cached authorizations.
+
+``Flusher.flush_once()`` is synchronous and testable; the scheduler decides
+when it runs. Phases: hand over (take reports out of the gateway's way),
+report (batched per service only for applications confirmed by a live cached
+authorization, decision 5), wait (the backend applies reports
+asynchronously), authorize (each reported application, concurrently), and
+store the authorizations. The report phase streams through the reports in
+chunks, so memory stays flat however many applications are pending.
+"""
+
+import collections
+import logging
+import threading
+import time
+from concurrent.futures import Executor, Future
+from typing import Callable, Deque, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
+
+from . import defaults
+from .authorizer import authorizations
+from .backend import BackendClient, BackendError, BackendRejected
+from .errors import MalformedKey
+from .keys import auth_key, denial_reason, iter_chunks, parse_report_key, redact_key
+from .storage import Cycle, Report, Storage
+
+log = logging.getLogger(__name__)
+
+#: Authorization reasons that mean "this application does not exist for reporting".
+UNKNOWN_APPLICATION = frozenset({
+    "application_not_found", "user_key_invalid", "authentication_error", "access_token_invalid",
+})
+#: Report rejections about our own credentials: an operator can fix them, so keep retrying.
+CREDENTIAL_ERRORS = frozenset({
+    "provider_key_invalid", "provider_key_invalid_or_service_missing", "service_id_invalid",
+    "service_token_invalid", "service_id_missing", "provider_key_or_service_token_required",
+    "no_credentials",
+})
+_PARAMS_PER_CALL = 3  # provider_key/service_token + service_id, with a margin
+
+
+class FlushSettings(NamedTuple):
+    auth_ttl: int = defaults.AUTH_TTL
+    report_auth_wait: float = defaults.REPORT_AUTH_WAIT
+    batch_size: int = defaults.REPORT_BATCH_SIZE
+    batch_max_params: int = defaults.REPORT_BATCH_MAX_PARAMS
+    lease_ttl: int = defaults.LEASE_TTL
+    dead_letter_after: int = defaults.DEAD_LETTER_AFTER
+    in_flight: int = 4 * defaults.THREADS   # calls queued or running at once
+
+
+class FlushResult:
+    """What one cycle did; ``ok`` when every report was delivered."""
+
+    def __init__(self):
+        self.reports = 0
+        self.delivered = 0
+        self.failed = 0           # put back into Redis for the next cycle
+        self.dead_lettered = 0
+        self.report_calls = 0
+        self.authorized = 0       # applications whose auth hash was renewed
+        self.auth_failures = 0
+        self.phases: Dict[str, float] = {}
+        self.error: Optional[str] = None
+        self.finished_at = 0.0
+        self._lock = threading.Lock()
+
+    def add(self, **counts):
+        with self._lock:
+            for name, n in counts.items():
+                setattr(self, name, getattr(self, name) + n)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.failed == 0 and self.dead_lettered == 0
+
+    @property
+    def duration(self) -> float:
+        return sum(v for k, v in self.phases.items() if k != "wait")
+
+    def summary(self) -> str:
+        phases = " ".join(f"{k}={v * 1000:.0f}ms" for k, v in self.phases.items())
+        text = (f"reports={self.reports} delivered={self.delivered} failed={self.failed} "
+                f"dead_letter={self.dead_lettered} report_calls={self.report_calls} "
+                f"authorized={self.authorized} auth_failures={self.auth_failures} "
+                f"{phases} total={self.duration * 1000:.0f}ms(excl. wait)")
+        return text + (f" error={self.error}" if self.error else "")
+
+
+def bounded_map(executor: Executor, fn: Callable, items: Iterable, limit: int) -> Iterator:
+    """Like executor.map, but with at most ``limit`` calls queued or running.
+
+    Executor.map submits everything at once, which holds every item and
+    result in memory; a flush cycle can have tens of thousands.
+    """
+    pending: Deque[Future] = collections.deque()
+    for item in items:
+        pending.append(executor.submit(fn, item))
+        if len(pending) >= limit:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+class Flusher:
+    def __init__(self, storage: Storage, backend: BackendClient, executor: Executor,
+                 settings: Optional[FlushSettings] = None, stop: Optional[threading.Event] = None):
+        self.storage = storage
+        self.backend = backend
+        self.executor = executor
+        self.settings = settings or FlushSettings()
+        self.stop = stop or threading.Event()
+        self.last_progress = time.monotonic()  # moves while a cycle works; for the watchdog
+
+    # ---- the cycle -----------------------------------------------------------
+
+    def flush_once(self, recover: bool = False) -> FlushResult:
+        """Run one cycle. Never raises for Redis or backend trouble: see ``result.error``."""
+        result = FlushResult()
+        cycle = Cycle.new()
+        clock = _PhaseClock(result)
+        try:
+            self.storage.take_lease(cycle, self.settings.lease_ttl)
+            with clock("handover"):
+                owned = self.storage.hand_over(cycle, recover)
+            with clock("report"):
+                to_authorize = self._report_all(owned, cycle, result)
+            self.storage.release_lease(cycle)
+            if to_authorize and not self.stop.is_set():
+                with clock("wait"):
+                    self._wait(self.settings.report_auth_wait)
+            if to_authorize and not self.stop.is_set():
+                with clock("authorize"):
+                    self._authorize_all(to_authorize, result)
+        except Exception as exc:  # one bad cycle must not kill the scheduler
+            result.error = f"{type(exc).__name__}: {exc}"
+        result.finished_at = time.time()
+        return result
+
+    def _wait(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            self.last_progress = time.monotonic()
+            self.stop.wait(min(1.0, deadline - time.monotonic()))
+
+    # ---- report phase --------------------------------------------------------
+
+    def _report_all(self, owned: List[Tuple[str, str]], cycle: Cycle,
+                    result: FlushResult) -> Dict[str, Tuple[str, ...]]:
+        """Deliver every owned report; returns report key -> reported metrics."""
+        to_authorize: Dict[str, Tuple[str, ...]] = {}
+        calls = self._calls(owned, cycle, result, to_authorize)
+        deliver = lambda call: self._deliver(call, cycle, result)  # noqa: E731
+        last_renewal = time.monotonic()
+        for _ in bounded_map(self.executor, deliver, calls, self.settings.in_flight):
+            self.last_progress = time.monotonic()
+            if time.monotonic() - last_renewal > self.settings.lease_ttl / 3:
+                self.storage.renew_lease(cycle, self.settings.lease_ttl)
+                last_renewal = time.monotonic()
+        return to_authorize
+
+    def _calls(self, owned, cycle, result, to_authorize) -> Iterator[List[Report]]:
+        """Read owned reports chunk by chunk and group them into report calls."""
+        batching = self.settings.batch_size > 1
+        batches: Dict[str, List[Report]] = {}
+        params: Dict[str, int] = {}
+        for chunk in iter_chunks(owned, defaults.REDIS_CHUNK):
+            reports = self.storage.read_reports(chunk, cycle)
+            result.add(reports=len(reports))
+            cached = self.storage.cached_authorizations(
+                [auth_key(r.service_id, r.credentials) for r in reports]) if batching else []
+            for i, report in enumerate(reports):
+                to_authorize[report.report_key] = tuple(report.usage)
+                if not batching or not _confirmed(cached[i], report.usage):
+                    yield [report]
+                    continue
+                size = len(report.usage) + 1
+                batch = batches.setdefault(report.service_id, [])
+                if batch and (len(batch) >= self.settings.batch_size or
+                              params[report.service_id] + size > self.settings.batch_max_params - _PARAMS_PER_CALL):
+                    yield batch
+                    batch = batches[report.service_id] = []
+                    params[report.service_id] = 0
+                batch.append(report)
+                params[report.service_id] = params.get(report.service_id, 0) + size
+        yield from (b for b in batches.values() if b)
+
+    def _deliver(self, call: List[Report], cycle: Cycle, result: FlushResult) -> None:
+        if self.stop.is_set():
+            self.storage.restore(call)  # stopping: hand usage back to the gateway's set now
+            result.add(failed=len(call))
+            return
+        service_id = call[0].service_id
+        try:
+            result.add(report_calls=1)
+            self.backend.report(service_id, [(r.credentials, r.usage) for r in call])
+        except BackendRejected as exc:
+            if len(call) > 1 and exc.code not in CREDENTIAL_ERRORS:
+                # Too big (bad_request) or one bad transaction: never let it
+                # hold the others back; halves, down to single calls.
+                half = len(call) // 2
+                log.warning("report of %d transactions for service %s rejected (%s): splitting",
+                            len(call), service_id, exc)
+                self._deliver(call[:half], cycle, result)
+                self._deliver(call[half:], cycle, result)
+                return
+            self._rejected(call, exc, cycle, result)
+            return
+        except BackendError as exc:
+            log.warning("report for service %s failed, %d report(s) kept for the next cycle: %s",
+                        service_id, len(call), exc)
+            self.storage.restore(call)
+            result.add(failed=len(call))
+            return
+        self.storage.acknowledge(call)
+        result.add(delivered=len(call))
+
+    def _rejected(self, call: List[Report], exc: BackendRejected, cycle: Cycle, result: FlushResult) -> None:
+        if exc.code in CREDENTIAL_ERRORS or exc.status == 0:
+            log.error("report for service %s refused, our credentials: %s (kept for the next cycle)",
+                      call[0].service_id, exc)
+            self.storage.restore(call)
+            result.add(failed=len(call))
+            return
+        report = call[0]
+        failures = self.storage.count_failure(report)
+        if failures >= self.settings.dead_letter_after:
+            log.error("report of %s refused %d times (%s): moved to %s", redact_key(report.report_key),
+                      failures, exc, defaults.DEAD_LETTER_HASH)
+            self.storage.dead_letter(report, str(exc), cycle)
+            result.add(dead_lettered=1)
+        else:
+            log.warning("report of %s refused (%s), attempt %d of %d", redact_key(report.report_key), exc,
+                        failures, self.settings.dead_letter_after)
+            self.storage.restore(call)
+            result.add(failed=1)
+
+    # ---- authorize phase -----------------------------------------------------
+
+    def _authorize_all(self, to_authorize: Dict[str, Tuple[str, ...]], result: FlushResult) -> None:
+        failures: Dict[str, int] = collections.Counter()
+        renewed = []
+        for outcome in bounded_map(self.executor, self._authorize_one, to_authorize.items(), self.settings.in_flight):
+            self.last_progress = time.monotonic()
+            if isinstance(outcome, str):
+                failures[outcome] += 1
+                continue
+            renewed.append(outcome)
+            if len(renewed) >= defaults.REDIS_CHUNK:
+                self.storage.write_authorizations(renewed, self.settings.auth_ttl)
+                result.add(authorized=len(renewed))
+                renewed = []
+        self.storage.write_authorizations(renewed, self.settings.auth_ttl)
+        result.add(authorized=len(renewed), auth_failures=sum(failures.values()))
+        for message, count in failures.items():
+            log.warning("authorize failed for %d application(s), cached authorizations left to expire: %s",
+                        count, message)
+
+    def _authorize_one(self, item: Tuple[str, Tuple[str, ...]]):
+        """-> (auth key, values), or an error message."""
+        key, metrics = item
+        try:
+            service_id, creds = parse_report_key(key)
+            status = self.backend.authorize(service_id, creds)
+        except (BackendError, MalformedKey) as exc:
+            return str(exc)
+        return auth_key(service_id, creds), authorizations(status, metrics)
+
+
+def _confirmed(cached: Dict[str, str], usage: Dict[str, int]) -> bool:
+    """A live auth hash shows the application exists and knows these metrics."""
+    if not cached:
+        return False
+    if any(denial_reason(v) in UNKNOWN_APPLICATION for v in cached.values()):
+        return False
+    return all(metric in cached for metric in usage)
+
+
+class _PhaseClock:
+    def __init__(self, result: FlushResult):
+        self.result = result
+
+    def __call__(self, phase: str):
+        self.phase = phase
+        return self
+
+    def __enter__(self):
+        self.start = time.monotonic()
+
+    def __exit__(self, *exc):
+        self.result.phases[self.phase] = time.monotonic() - self.start

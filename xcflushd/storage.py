@@ -1,0 +1,316 @@
+"""All Redis I/O of the flush cycle and the priority renewer.
+
+At-least-once (decision 6): usage taken out of ``report_keys`` stays in Redis
+under a ``to_flush:`` key until the backend acknowledged the call that carried
+it. Every write that moves usage is atomic (RENAME, or MULTI/EXEC), so a kill
+at any moment leaves each unit of usage in exactly one place.
+
+A cycle works under a lease (``xcflushd:lease:<cycle id>``, with a TTL it
+keeps renewing). Hand-over keys whose cycle holds no lease belong to a cycle
+that died; a later cycle finds them with SCAN and adopts them with RENAME,
+which only one adopter can win.
+
+Redis objects here are shared between threads through the client's connection
+pool; no Pipeline or PubSub object crosses threads.
+"""
+
+import functools
+import json
+import logging
+import os
+import secrets
+import time
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+
+import redis
+
+from .defaults import (
+    DEAD_LETTER_HASH,
+    FAILURES_HASH,
+    FLUSHING_PREFIX,
+    LEASE_PREFIX,
+    QUARANTINE_PREFIX,
+    REDIS_CHUNK,
+    REPORT_KEYS_SET,
+    TO_FLUSH_PREFIX,
+)
+from .errors import MalformedKey, StorageUnavailable
+from .keys import (
+    Credentials,
+    iter_chunks,
+    parse_report_key,
+    parse_usage,
+    redact_key,
+    split_suffixed,
+    to_flush_key,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Report(NamedTuple):
+    """One application's cached usage, taken out of the gateway's way."""
+
+    to_flush_key: str
+    report_key: str
+    service_id: str
+    credentials: Credentials
+    usage: Dict[str, int]
+
+
+class Cycle(NamedTuple):
+    """Names one flush cycle's hand-over keys: unique across processes and seconds."""
+
+    id: str
+    suffix: str
+
+    @classmethod
+    def new(cls) -> "Cycle":
+        cycle_id = secrets.token_hex(6)
+        return cls(cycle_id, time.strftime("_%Y%m%d%H%M%S", time.gmtime()) + "_" + cycle_id)
+
+
+def _storage_errors(method):
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except redis.RedisError as exc:
+            raise StorageUnavailable(f"redis: {type(exc).__name__}: {str(exc)[:160]}") from None
+    return wrapper
+
+
+def connect(url: str, password: Optional[str] = None, pool_size: int = 32, timeout: float = 10.0) -> redis.Redis:
+    """A client whose strings round-trip any bytes the gateway wrote."""
+    kwargs = dict(decode_responses=True, encoding_errors="surrogateescape", socket_timeout=timeout,
+                  socket_connect_timeout=min(timeout, 5.0), max_connections=pool_size,
+                  health_check_interval=30, client_name="xcflushd")
+    if password is not None:
+        kwargs["password"] = password
+    return redis.Redis.from_url(url, **kwargs)
+
+
+class Storage:
+    def __init__(self, client: redis.Redis, chunk: int = REDIS_CHUNK):
+        self.redis = client
+        self.chunk = chunk
+
+    @_storage_errors
+    def ping(self) -> None:
+        self.redis.ping()
+
+    # ---- leases ------------------------------------------------------------
+
+    @_storage_errors
+    def take_lease(self, cycle: Cycle, ttl: int) -> None:
+        self.redis.set(LEASE_PREFIX + cycle.id, os.getpid(), ex=ttl)
+
+    renew_lease = take_lease
+
+    @_storage_errors
+    def release_lease(self, cycle: Cycle) -> None:
+        self.redis.delete(LEASE_PREFIX + cycle.id)
+
+    # ---- hand-over ---------------------------------------------------------
+
+    @_storage_errors
+    def hand_over(self, cycle: Cycle, recover: bool) -> List[Tuple[str, str]]:
+        """Move cached reports out of the gateway's way.
+
+        Returns ``(to_flush key, report key)`` pairs now owned by this cycle:
+        the reports in ``report_keys`` and, when ``recover``, those left behind
+        by dead cycles.
+        """
+        sets = []
+        flushing = FLUSHING_PREFIX + cycle.suffix
+        try:
+            self.redis.rename(REPORT_KEYS_SET, flushing)
+            sets.append(flushing)
+        except redis.ResponseError as exc:
+            if "no such key" not in str(exc).lower():
+                raise
+        orphans: List[str] = []
+        if recover:
+            sets += self._dead(self.redis.scan_iter(match=FLUSHING_PREFIX + "_*", count=1000), FLUSHING_PREFIX)
+            orphans = self._dead(self.redis.scan_iter(match=TO_FLUSH_PREFIX + "*", count=1000), TO_FLUSH_PREFIX)
+
+        members = []
+        seen = set()
+        for name in sets:
+            for member in self._set_members(name):
+                if member not in seen:
+                    seen.add(member)
+                    members.append(member)
+        owned = self._rename_members(members, cycle.suffix)
+        if sets:
+            self.redis.delete(*sets)
+        owned += self._adopt(orphans, cycle.suffix)
+        return owned
+
+    def _dead(self, names: Iterable[str], prefix: str) -> List[str]:
+        """Those hand-over keys whose cycle holds no lease any more."""
+        by_cycle: Dict[Optional[str], List[str]] = {}
+        for name in names:
+            try:
+                _, cycle_id = split_suffixed(name, prefix)
+            except MalformedKey:
+                log.warning("leaving alone a key with our prefix but not our format: %s", redact_key(name))
+                continue
+            by_cycle.setdefault(cycle_id, []).append(name)
+        if not by_cycle:
+            return []
+        ids = [c for c in by_cycle if c is not None]
+        pipe = self.redis.pipeline(transaction=False)
+        for cycle_id in ids:
+            pipe.exists(LEASE_PREFIX + cycle_id)
+        alive = {c for c, live in zip(ids, pipe.execute()) if live}
+        # Keys without a cycle id were written by the Ruby daemon, which this one replaces.
+        return [n for c, names_ in by_cycle.items() if c not in alive for n in names_]
+
+    def _set_members(self, name: str) -> List[str]:
+        try:
+            return list(self.redis.sscan_iter(name, count=1000))
+        except redis.ResponseError as exc:
+            if "WRONGTYPE" not in str(exc):
+                raise
+            target = QUARANTINE_PREFIX + name
+            self.redis.rename(name, target)
+            self._record_dead_letter(name, {}, f"{REPORT_KEYS_SET} was not a set; moved to {target}")
+            log.error("%s is not a set: moved to %s, the gateway starts a new one", REPORT_KEYS_SET, target)
+            return []
+
+    def _rename_members(self, members: Sequence[str], suffix: str) -> List[Tuple[str, str]]:
+        owned = []
+        for chunk in iter_chunks(members, self.chunk):
+            pipe = self.redis.pipeline(transaction=False)
+            for member in chunk:
+                pipe.rename(member, to_flush_key(member, suffix))
+            for member, result in zip(chunk, pipe.execute(raise_on_error=False)):
+                if result is True:
+                    owned.append((to_flush_key(member, suffix), member))
+                elif "no such key" not in str(result).lower():
+                    raise result  # a real Redis error, not a key gone missing
+        return owned
+
+    def _adopt(self, orphans: Sequence[str], suffix: str) -> List[Tuple[str, str]]:
+        owned = []
+        for n, name in enumerate(orphans):
+            member, _ = split_suffixed(name, TO_FLUSH_PREFIX)
+            target = to_flush_key(member, f"{suffix}-{n}")
+            try:
+                if self.redis.renamenx(name, target):
+                    owned.append((target, member))
+            except redis.ResponseError as exc:
+                if "no such key" not in str(exc).lower():
+                    raise
+                continue  # another cycle adopted it first
+        if owned:
+            log.warning("adopted %d report(s) left behind by a cycle that died", len(owned))
+        return owned
+
+    # ---- reading -----------------------------------------------------------
+
+    @_storage_errors
+    def read_reports(self, owned: Sequence[Tuple[str, str]], cycle: Cycle) -> List[Report]:
+        """Read owned hand-over keys; set aside what cannot be reported."""
+        reports = []
+        for chunk in iter_chunks(owned, self.chunk):
+            pipe = self.redis.pipeline(transaction=False)
+            for key, _ in chunk:
+                pipe.hgetall(key)
+            for (key, member), fields in zip(chunk, pipe.execute(raise_on_error=False)):
+                if isinstance(fields, Exception):
+                    self._quarantine(key, member, f"unreadable report: {str(fields)[:80]}")
+                    continue
+                if not fields:
+                    continue
+                try:
+                    service_id, creds = parse_report_key(member)
+                except MalformedKey as exc:
+                    self._quarantine(key, member, f"unparsable report key: {exc}")
+                    continue
+                usage, bad = parse_usage(fields)
+                if bad:
+                    self._record_dead_letter(member + cycle.suffix, bad, "non-integer usage values")
+                    log.error("set aside %d non-integer usage field(s) of %s", len(bad), redact_key(member))
+                if usage:
+                    reports.append(Report(key, member, service_id, creds, usage))
+                else:
+                    self.redis.delete(key)
+        return reports
+
+    def _quarantine(self, key: str, member: str, reason: str) -> None:
+        target = QUARANTINE_PREFIX + key
+        self.redis.rename(key, target)
+        self._record_dead_letter(member, {}, f"{reason}; moved to {target}")
+        log.error("quarantined %s: %s", redact_key(member), reason)
+
+    def _record_dead_letter(self, field: str, usage: Dict, reason: str, pipe=None) -> None:
+        entry = json.dumps({"usage": usage, "reason": reason,
+                            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        (pipe or self.redis).hset(DEAD_LETTER_HASH, field, entry)
+
+    @_storage_errors
+    def cached_authorizations(self, keys: Sequence[str]) -> List[Dict[str, str]]:
+        """HGETALL of many auth hashes, pipelined."""
+        out: List[Dict[str, str]] = []
+        for chunk in iter_chunks(keys, self.chunk):
+            pipe = self.redis.pipeline(transaction=False)
+            for key in chunk:
+                pipe.hgetall(key)
+            out.extend(r if isinstance(r, dict) else {} for r in pipe.execute(raise_on_error=False))
+        return out
+
+    # ---- outcomes of report calls -----------------------------------------
+
+    @_storage_errors
+    def acknowledge(self, reports: Sequence[Report], had_failures: bool = False) -> None:
+        """The backend took these: their usage leaves Redis now."""
+        for chunk in iter_chunks(reports, self.chunk):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.delete(*(r.to_flush_key for r in chunk))
+            if had_failures:
+                pipe.hdel(FAILURES_HASH, *(r.report_key for r in chunk))
+            pipe.execute()
+
+    @_storage_errors
+    def restore(self, reports: Sequence[Report]) -> None:
+        """Put usage back where the gateway writes, to be retried next cycle."""
+        for chunk in iter_chunks(reports, self.chunk):
+            pipe = self.redis.pipeline(transaction=True)
+            for r in chunk:
+                for metric, value in r.usage.items():
+                    pipe.hincrby(r.report_key, metric, value)
+                pipe.sadd(REPORT_KEYS_SET, r.report_key)
+                pipe.delete(r.to_flush_key)
+            pipe.execute()
+
+    @_storage_errors
+    def count_failure(self, report: Report) -> int:
+        return self.redis.hincrby(FAILURES_HASH, report.report_key, 1)
+
+    @_storage_errors
+    def dead_letter(self, report: Report, reason: str, cycle: Cycle) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        self._record_dead_letter(report.report_key + cycle.suffix, report.usage, reason, pipe)
+        pipe.delete(report.to_flush_key)
+        pipe.hdel(FAILURES_HASH, report.report_key)
+        pipe.execute()
+
+    # ---- authorizations ----------------------------------------------------
+
+    @_storage_errors
+    def write_authorizations(self, items: Iterable[Tuple[str, Dict[str, str]]], ttl: int) -> None:
+        """HSET + EXPIRE per auth hash, many hashes per round trip."""
+        for chunk in iter_chunks(items, self.chunk):
+            pipe = self.redis.pipeline(transaction=False)
+            for key, values in chunk:
+                if values:
+                    pipe.hset(key, mapping=values)
+                    pipe.expire(key, ttl)
+            pipe.execute()
+
+    @_storage_errors
+    def publish(self, channel: str, message: str) -> int:
+        return self.redis.publish(channel, message)
+
