@@ -1,0 +1,175 @@
+"""The daemon's lifecycle: build, wait for Redis, serve, stop gracefully.
+
+Threads: the main thread handles signals and feeds the systemd watchdog; the
+scheduler thread runs flush cycles; the listener thread takes priority auth
+requests; two pools make the backend calls. The watchdog is fed only while
+the scheduler and the listener both show life, so a wedged thread gets the
+service restarted, while a Redis or backend outage (threads alive, retrying)
+does not.
+"""
+
+import logging
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Mapping, Optional
+
+from . import __version__, defaults
+from .backend import ServiceCredentials, make_client
+from .config import Settings
+from .flusher import Flusher, FlushResult, FlushSettings
+from .notify import Notifier
+from .renewer import PriorityRenewer
+from .scheduler import Scheduler
+from .storage import Storage, connect
+
+log = logging.getLogger(__name__)
+
+#: Test hook: "scheduler" or "listener" makes that thread hang, to prove the watchdog.
+WEDGE_ENV = "XCFLUSHD_TEST_WEDGE"
+
+
+def _clock(ts: Optional[float]) -> str:
+    return time.strftime("%H:%M:%SZ", time.gmtime(ts)) if ts else "-"
+
+
+class Daemon:
+    def __init__(self, settings: Settings, environ: Mapping[str, str] = os.environ):
+        self.settings = settings
+        self.stop = threading.Event()
+        self.notifier = Notifier(environ)
+        self.wedge = environ.get(WEDGE_ENV, "")
+        self.last_result: Optional[FlushResult] = None
+        s = settings
+        self.redis = connect(s.redis_url, s.redis_password, pool_size=s.threads + s.prio_threads + 4)
+        self.storage = Storage(self.redis)
+        self.backend = make_client(s.backend_url, ServiceCredentials(s.provider_key, s.service_tokens),
+                                   s.connect_timeout, s.read_timeout, s.backend_proxy)
+        self.flush_pool = ThreadPoolExecutor(s.threads, thread_name_prefix="flush")
+        self.flusher = Flusher(self.storage, self.backend, self.flush_pool, FlushSettings(
+            auth_ttl=s.auth_ttl, report_auth_wait=s.report_auth_wait, batch_size=s.report_batch_size,
+            in_flight=4 * s.threads), self.stop)
+
+    # ---- one cycle -------------------------------------------------------------
+
+    def flush(self) -> int:
+        """``xcflushd flush``: one cycle, recovering leftovers; 0 iff everything was delivered."""
+        self._install_signals()
+        log.info("xcflushd %s: one flush cycle against %s", __version__, self.settings.backend_url)
+        try:
+            result = self.flusher.flush_once(recover=True)
+            self._log_result(result)
+        finally:
+            self._close()
+        return 0 if result.ok else 1
+
+    # ---- the daemon ------------------------------------------------------------
+
+    def run(self) -> int:
+        s = self.settings
+        self._install_signals()
+        log.info("xcflushd %s starting: redis=%s backend=%s frequency=%ss auth_ttl=%ss threads=%d prio_threads=%d",
+                 __version__, s.redis_display, s.backend_url, s.frequency, s.auth_ttl, s.threads, s.prio_threads)
+        self.prio_pool = ThreadPoolExecutor(s.prio_threads, thread_name_prefix="prio")
+        self.renewer = PriorityRenewer(self.redis, self.storage, self.backend, self.prio_pool, s.auth_ttl,
+                                       self.stop, wedge=self.wedge == "listener").start()
+        self.scheduler = Scheduler(self.flusher.flush_once, s.frequency, self.stop, defaults.RECOVERY_INTERVAL,
+                                   on_result=self._on_result, wedge=self.wedge == "scheduler")
+        if self._wait_for_redis():
+            self.notifier.ready(f"ready; first flush now, then every {s.frequency}s")
+            log.info("ready: priority auth channel subscribed, flushing every %ss", s.frequency)
+            self.scheduler.start()
+            self._supervise()
+        return self._shutdown()
+
+    def _wait_for_redis(self) -> bool:
+        announced = False
+        while not self.stop.is_set():
+            if self.renewer.subscribed.wait(0.5):
+                return True
+            if not announced:
+                status = f"waiting for Redis at {self.settings.redis_display}"
+                log.info("%s", status)
+                self.notifier.status(status)
+                announced = True
+        return False
+
+    def _supervise(self) -> None:
+        interval = self.notifier.watchdog_interval
+        redis_was_up = True
+        while not self.stop.wait(min(interval or 1.0, 1.0)):
+            if interval and self._healthy(2 * interval):
+                self.notifier.watchdog()
+            redis_up = self.renewer.subscribed.is_set()
+            if redis_up != redis_was_up:
+                redis_was_up = redis_up
+                self.notifier.status(self._status() if redis_up else
+                                     f"Redis at {self.settings.redis_display} unreachable; retrying")
+
+    def _healthy(self, window: float) -> bool:
+        now = time.monotonic()
+        scheduler_beat = max(self.scheduler.last_tick, self.flusher.last_progress)
+        return (self.scheduler.alive() and now - scheduler_beat < window
+                and self.renewer.alive() and now - self.renewer.last_beat < window)
+
+    def _on_result(self, result: FlushResult) -> None:
+        self.last_result = result
+        self._log_result(result)
+        self.notifier.status(self._status())
+
+    def _status(self) -> str:
+        r = self.last_result
+        if r is None:
+            return "ready; first flush cycle running"
+        text = (f"last flush {_clock(r.finished_at)}: {r.reports} apps reported, "
+                f"{r.failed + r.dead_lettered} failed, {r.duration:.1f}s")
+        if r.error:
+            text += f" (cycle error: {r.error[:80]})"
+        return text + f"; next flush {_clock(self.scheduler.next_run)}"
+
+    def _log_result(self, result: FlushResult) -> None:
+        if result.error:
+            log.error("flush cycle failed: %s", result.summary())
+        elif result.failed or result.dead_lettered or result.auth_failures:
+            log.warning("flush cycle: %s", result.summary())
+        else:
+            log.info("flush cycle: %s", result.summary())
+
+    # ---- stopping ----------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        def on_signal(signum, frame):
+            if self.stop.is_set():
+                log.warning("second %s: stopping now; in-flight usage stays in Redis", signal.Signals(signum).name)
+                logging.shutdown()
+                os._exit(1)
+            log.info("%s received: stopping", signal.Signals(signum).name)
+            self.stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    def _shutdown(self) -> int:
+        s = self.settings
+        self.notifier.stopping("stopping: finishing the flush cycle in progress")
+        deadline = time.monotonic() + s.max_term_wait
+        while not self.scheduler.join(timeout=1.0):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("stop: cycle still running after %ss; its unacknowledged usage stays in Redis "
+                            "and a later cycle recovers it", s.max_term_wait)
+                logging.shutdown()
+                os._exit(0)  # pool threads may sit in a backend call; the data is safe in Redis
+            self.notifier.extend_timeout(min(left, 5.0) + 1.0)
+        self.renewer.join(timeout=2.0)
+        self.prio_pool.shutdown(wait=False, cancel_futures=True)
+        self._close()
+        log.info("stopped")
+        return 0
+
+    def _close(self) -> None:
+        self.flush_pool.shutdown(wait=False, cancel_futures=True)
+        self.backend.close()
+        self.redis.close()
