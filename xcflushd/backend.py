@@ -314,7 +314,7 @@ class BackendClient:
         params += self.service_credentials.params(service_id)
         path = "/transactions/oauth_authorize.xml" if creds.oauth else "/transactions/authorize.xml"
         self.calls["authorize"] += 1
-        resp = self.transport.request("GET", path, urllib.parse.urlencode(params),
+        resp = self.transport.request("GET", path, urllib.parse.urlencode(params, errors="surrogateescape"),
                                       headers={"3scale-options": EXTENSIONS})
         return parse_status(resp)
 
@@ -323,7 +323,7 @@ class BackendClient:
         params = self.service_credentials.params(service_id)
         for i, (creds, usage) in enumerate(transactions):
             params.extend(transaction_params(i, creds, usage))
-        body = urllib.parse.urlencode(params).encode()
+        body = urllib.parse.urlencode(params, errors="surrogateescape").encode()
         self.calls["report"] += 1
         resp = self.transport.request("POST", "/transactions.xml", body=body,
                                       headers={"Content-Type": "application/x-www-form-urlencoded"})

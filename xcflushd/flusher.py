@@ -18,8 +18,8 @@ from typing import Callable, Deque, Dict, Iterable, Iterator, List, NamedTuple, 
 
 from . import defaults
 from .authorizer import authorizations
-from .backend import BackendClient, BackendError, BackendRejected
-from .errors import MalformedKey
+from .backend import BackendClient
+from .errors import BackendError, BackendRejected, MalformedKey
 from .keys import auth_key, denial_reason, iter_chunks, parse_report_key, redact_key
 from .storage import Cycle, Report, Storage
 

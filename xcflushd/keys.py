@@ -109,13 +109,13 @@ def report_key(service_id: str, creds: Credentials) -> str:
 
 
 def _parse_service_and_creds(text: str) -> Tuple[str, Credentials]:
-    head, sep, rest = text.partition(",")
-    if not head.startswith("service_id:") or not sep:
+    parts = _SEP.split(text, 1)
+    if len(parts) != 2 or not parts[0].startswith("service_id:"):
         raise MalformedKey(f"does not start with service_id:<id>, ({_clip(text)!r})")
-    service_id = unescape(head[len("service_id:"):])
+    service_id = unescape(parts[0][len("service_id:"):])
     if not service_id:
         raise MalformedKey("empty service_id")
-    return service_id, Credentials.decode(rest)
+    return service_id, Credentials.decode(parts[1])
 
 
 def parse_report_key(key: str) -> Tuple[str, Credentials]:

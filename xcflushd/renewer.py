@@ -18,9 +18,9 @@ from typing import Dict, List, Optional, Tuple
 import redis
 
 from .authorizer import authorizations
-from .backend import BackendClient, BackendError
+from .backend import BackendClient
 from .defaults import AUTH_REQUESTS_CHANNEL, PUBLISH_RETRY_DELAYS
-from .errors import MalformedKey, StorageUnavailable
+from .errors import BackendError, MalformedKey, StorageUnavailable
 from .keys import AuthRequest, parse_auth_request
 from .storage import Storage
 

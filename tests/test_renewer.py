@@ -1,0 +1,124 @@
+"""The priority path end to end through real pub/sub: the gateway asks, the
+renewer asks the backend once, caches the whole auth hash and answers."""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import redis as redislib
+from conftest import DEMO_CONFIG, RedisServer
+
+from xcflushd.backend import ServiceCredentials, make_client
+from xcflushd.keys import Credentials, auth_key
+from xcflushd.renewer import PriorityRenewer
+from xcflushd.sim.gateway import Gateway
+from xcflushd.storage import Storage, connect
+
+A1 = Credentials({"app_id": "a1b2c3", "app_key": "s3cr3t", "referrer": "x.example.org"})
+
+
+@pytest.fixture
+def renewer_for(redis_server):
+    started = []
+
+    def start(backend_url, redis_url=None, prio_threads=8):
+        client = connect(redis_url or redis_server.url)
+        backend = make_client(backend_url, ServiceCredentials("pk-test"), 2, 5)
+        pool = ThreadPoolExecutor(prio_threads)
+        stop = threading.Event()
+        renewer = PriorityRenewer(client, Storage(client), backend, pool, 600, stop).start()
+        assert renewer.subscribed.wait(5)
+        started.append((renewer, stop, pool, backend))
+        return renewer
+
+    yield start
+    for renewer, stop, pool, backend in started:
+        stop.set()
+        renewer.join(5)
+        pool.shutdown()
+        backend.close()
+
+
+def test_priority_request_is_answered_and_cached(sim, r, renewer_for):
+    renewer_for(sim.url)
+    answer = Gateway(r).priority_authorization("555", A1, "hits")
+    assert answer == "1"
+    key = auth_key("555", A1)  # referrer included, as the gateway computes it
+    assert r.hget(key, "hits") == "1"
+    assert r.hget(key, "search") == "1"  # the whole hash is renewed, not just the metric
+    assert 590 < r.ttl(key) <= 600
+
+
+def test_ids_with_colons_and_commas(sim, r, renewer_for):
+    renewer_for(sim.url)
+    odd = Credentials({"app_id": "a:i,1", "app_key": "k:e,y"})
+    assert Gateway(r).priority_authorization("555", odd, "hits") == "1"
+    assert r.hget("auth,service_id:555,app_id:a\\:i\\,1,app_key:k\\:e\\,y", "hits") == "1"
+
+
+def test_denials_carry_their_reason(sim, r, renewer_for):
+    renewer_for(sim.url)
+    gateway = Gateway(r)
+    assert gateway.priority_authorization("555", Credentials({"app_id": "ghost"}), "hits") == \
+        "0:application_not_found"
+    wrong_key = Credentials({"app_id": "a1b2c3", "app_key": "nope"})
+    assert gateway.priority_authorization("555", wrong_key, "hits") == "0:application_key_invalid"
+
+
+def test_fifty_identical_requests_make_one_backend_call(r, renewer_for):
+    from xcflushd.sim.server import Simulator
+
+    with Simulator(DEMO_CONFIG, latency=0.5).start() as slow:
+        renewer_for(slow.url)
+        answers = []
+        barrier = threading.Barrier(50)
+
+        def ask():
+            gateway = Gateway(redislib.Redis(port=r.connection_pool.connection_kwargs["port"], decode_responses=True))
+            barrier.wait()
+            answers.append(gateway.priority_authorization("555", A1, "hits"))
+
+        threads = [threading.Thread(target=ask) for _ in range(50)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert answers == ["1"] * 50
+        assert slow.backend.calls()["authorize"] == 1
+
+
+def test_malformed_messages_are_skipped_and_the_listener_keeps_answering(sim, r, renewer_for):
+    renewer = renewer_for(sim.url)
+    for junk in ["", "garbage", "service_id:1", "metric:hits", "service_id:555,metric:hits", "\udcff\udcfe",
+                 "service_id:555,app_id:a1b2c3,metric:"]:
+        r.publish("xc_channel_auth_requests", junk)
+    r.execute_command("PUBLISH", "xc_channel_auth_requests", b"\xff\xfe\x00binary")
+    assert Gateway(r).priority_authorization("555", A1, "hits") == "1"
+    assert renewer.alive()
+
+
+def test_listener_resubscribes_after_redis_restarts(sim, renewer_for):
+
+
+    own = RedisServer()
+    try:
+        renewer = renewer_for(sim.url, redis_url=own.url)
+        own.restart()
+        deadline = time.monotonic() + 15
+        client = redislib.Redis(port=own.port, decode_responses=True)
+        answer = None
+        while time.monotonic() < deadline and answer is None:
+            time.sleep(0.2)
+            if renewer.subscribed.is_set():
+                answer = Gateway(client, priority_timeout=1.0).priority_authorization("555", A1, "hits")
+        assert answer == "1"
+    finally:
+        own.close()
+
+
+def test_backend_failure_sends_no_answer(sim, r, renewer_for):
+    renewer_for(sim.url)
+    sim.backend.set_faults({"rate": 1.0, "kinds": ["500"], "endpoints": ["authorize"]})
+    assert Gateway(r, priority_timeout=1.0).priority_authorization("555", A1, "hits") is None
+    assert r.exists(auth_key("555", A1)) == 0
