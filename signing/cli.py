@@ -1,0 +1,262 @@
+"""Command line: ``python -m signing {sums,sign,verify,image,fingerprints}``.
+
+The only module that parses arguments, prints verdicts or exits. ``verify`` prints one
+``PASS`` or ``FAIL`` line per artifact and exits 1 if anything failed (2 when it could not
+even start, e.g. no usable public key).
+"""
+
+import argparse
+import contextlib
+import os
+import sys
+
+from signing import (
+    PINNED_FINGERPRINT_FILE,
+    detached,
+    errors,
+    image,
+    imagesig,
+    keys,
+    mirror,
+    oci,
+    sums,
+)
+from signing.gpghome import open_gpg, private_home, user_home
+
+__all__ = ["main", "build_parser"]
+
+BANNER = "*" * 66
+
+
+def _read_passphrase(path):
+    if not path:
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return fh.read().rstrip("\r\n")
+
+
+def _key_id(args):
+    return keys.normalize_fingerprint(args.key_id) if args.key_id else keys.read_pinned(
+        PINNED_FINGERPRINT_FILE)
+
+
+def _add_image_args(p):
+    p.add_argument("--image-dir", help="OCI image layout directory")
+    p.add_argument("--tag", help="tag of the image in the layout (TAG-REL)")
+    p.add_argument("--manifest", help="raw image manifest file")
+    p.add_argument("--signature", help="image signature file")
+    p.add_argument("--reference", help="docker reference the signature binds (TARGET_IMAGE)")
+
+
+def build_parser():
+    """The argument parser (exposed for tests and ``--help``)."""
+    parser = argparse.ArgumentParser(prog="python -m signing", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sign = sub.add_parser("sign", help="write SHA256SUMS(.asc) and/or the image signature")
+    sign.add_argument("--key-id", help="full fingerprint of the signing key (default: pinned)")
+    sign.add_argument("--gnupghome", help="keyring holding the secret key")
+    sign.add_argument("--secret-key-file",
+                      help="secret key file, imported into a private temporary home")
+    sign.add_argument("--passphrase-file", help="file whose first line is the passphrase")
+    sign.add_argument("--sums", help="SHA256SUMS to write and sign")
+    sign.add_argument("--sums-signature", help="detached signature to write (SUMS.asc)")
+    sign.add_argument("--artifact", action="append", default=[], help="file to list in SUMS")
+    _add_image_args(sign)
+
+    verify = sub.add_parser("verify", help="verify SHA256SUMS, artifacts and the image")
+    verify.add_argument("--key-id", help="pinned full fingerprint (default: the repo's)")
+    src = verify.add_mutually_exclusive_group()
+    src.add_argument("--key-file", help="public key file (its fingerprint must be the pinned)")
+    src.add_argument("--gnupghome", help="keyring to take the public key from (only read)")
+    src.add_argument("--keyserver", help="fetch the key from this keyserver")
+    verify.add_argument("--sums", help="SHA256SUMS to verify")
+    verify.add_argument("--sums-signature", help="its detached signature")
+    verify.add_argument("--artifact", action="append", default=[],
+                        help="file that must be listed in SUMS and match it")
+    _add_image_args(verify)
+
+    img = sub.add_parser("image", help="build the OCI image layout of the daemon")
+    img.add_argument("--wheel", required=True, help="the project's wheel")
+    img.add_argument("--version", required=True, help="the project's version")
+    img.add_argument("--image-dir", required=True, help="OCI layout to (re)create")
+    img.add_argument("--tag", required=True, help="tag in the layout (TAG-REL)")
+    img.add_argument("--manifest", help="also write the raw manifest here")
+    img.add_argument("--cache-dir", required=True, help="where the base is cached")
+    img.add_argument("--suite", help="Debian suite (default: this machine's)")
+    img.add_argument("--mirror", help="Debian mirror (default: this machine's apt source)")
+
+    sums_p = sub.add_parser("sums", help="write SHA256SUMS for the artifacts")
+    sums_p.add_argument("--out", required=True, help="the sums file to write")
+    sums_p.add_argument("artifacts", nargs="+", help="files to list (one directory)")
+
+    fpr = sub.add_parser("fingerprints", help="print the fingerprints of the pinned key")
+    fpr.add_argument("--key-id", help="pinned full fingerprint (default: the repo's)")
+    fpr.add_argument("--key-file", required=True, help="public key file")
+    return parser
+
+
+def _image_manifest(args, write_file=False):
+    """Manifest bytes from the layout and/or the manifest file; they must agree."""
+    from_layout = from_file = None
+    if args.image_dir and os.path.isdir(args.image_dir):
+        from_layout = oci.manifest_bytes(args.image_dir, args.tag)
+    if args.manifest and os.path.isfile(args.manifest):
+        with open(args.manifest, "rb") as fh:
+            from_file = fh.read()
+    if from_layout is None and from_file is None:
+        raise errors.MissingFile(
+            f"neither the image layout {args.image_dir} nor the manifest {args.manifest} exists"
+        )
+    if from_layout is not None and from_file is not None and from_layout != from_file:
+        if not write_file:
+            raise errors.ManifestMismatch(
+                f"{args.manifest} differs from the manifest of {args.image_dir}:{args.tag}"
+            )
+        from_file = None
+    if write_file and from_layout is not None and from_file is None and args.manifest:
+        with open(args.manifest, "wb") as fh:
+            fh.write(from_layout)
+    return from_layout if from_layout is not None else from_file
+
+
+@contextlib.contextmanager
+def _signing_home(args, pinned):
+    if args.secret_key_file:
+        with private_home() as home:
+            keys.load_secret(home, pinned, args.secret_key_file)
+            yield open_gpg(home)
+    elif args.gnupghome:
+        with user_home(args.gnupghome) as home:
+            gpg = open_gpg(home)
+            if not keys.has_secret(gpg, pinned):
+                raise errors.SigningFailed(f"keyring {home} has no secret key for {pinned}")
+            yield gpg
+    else:
+        raise errors.SetupError("no secret key: set SECRET_KEY_FILE=<file> or GNUPGHOME=<keyring>")
+
+
+def cmd_sign(args):
+    pinned = _key_id(args)
+    passphrase = _read_passphrase(args.passphrase_file)
+    with _signing_home(args, pinned) as gpg:
+        if args.sums:
+            sums.write(args.artifact, args.sums)
+            signer = detached.sign(gpg, args.sums, args.sums_signature, pinned, passphrase)
+            print(f"signed  {args.sums_signature}  by {signer} (key {pinned})")
+        if args.signature:
+            manifest = _image_manifest(args, write_file=True)
+            digest = imagesig.sign(gpg, manifest, args.reference, pinned, args.signature,
+                                   passphrase)
+            print(f"signed  {args.signature}  {args.reference} {digest} (key {pinned})")
+    return 0
+
+
+def _verdicts(gpg, args, pinned):
+    """Yield ``(ok, name, message)`` for every artifact to verify."""
+    if args.sums:
+        try:
+            signer = detached.verify(gpg, args.sums, args.sums_signature, pinned)
+        except errors.VerificationError as exc:
+            yield False, args.sums_signature, str(exc)
+            for art in args.artifact:
+                yield False, art, "not checked: SHA256SUMS is not trustworthy"
+        else:
+            yield True, args.sums_signature, f"signed by {signer} (key {pinned})"
+            directory = os.path.dirname(os.path.abspath(args.sums))
+            try:
+                with open(args.sums, encoding="utf-8") as fh:
+                    listed = sums.parse(fh.read(), args.sums)
+            except errors.VerificationError as exc:
+                yield False, args.sums, str(exc)
+                listed = {}
+            for name, digest in sorted(listed.items()):
+                try:
+                    sums.check_artifact(directory, name, digest)
+                    yield True, os.path.join(os.path.dirname(args.sums), name), "sha256 matches"
+                except errors.VerificationError as exc:
+                    yield False, os.path.join(os.path.dirname(args.sums), name), str(exc)
+            for art in args.artifact:
+                if listed and os.path.basename(art) not in listed:
+                    yield False, art, str(errors.NotListed(f"{art} is not listed in {args.sums}"))
+    if args.signature:
+        name = args.image_dir if args.image_dir and os.path.isdir(args.image_dir) else (
+            args.manifest or args.signature)
+        try:
+            manifest = _image_manifest(args)
+            signer, digest = imagesig.verify(gpg, args.signature, manifest, args.reference,
+                                             pinned)
+            blobs = ""
+            if args.image_dir and os.path.isdir(args.image_dir):
+                blobs = f", {oci.check_blobs(args.image_dir, manifest)} blobs intact"
+            yield True, name, (f"{args.reference} manifest {digest}{blobs},"
+                               f" signed by {signer} (key {pinned})")
+        except errors.VerificationError as exc:
+            yield False, name, str(exc)
+
+
+def cmd_verify(args):
+    pinned = _key_id(args)
+    if not (args.sums or args.signature):
+        raise errors.SetupError("nothing to verify: give --sums and/or --signature")
+    failed = 0
+    with private_home() as home:
+        try:
+            fprs = keys.load_public(home, pinned, key_file=args.key_file,
+                                    keyring=args.gnupghome, keyserver=args.keyserver)
+        except errors.SetupError as exc:
+            print(f"FAIL  release key  {exc}")
+            _banner(False)
+            return 2
+        print(f"key   {pinned} (subkeys: {', '.join(fprs[1:]) or 'none'})")
+        gpg = open_gpg(home)
+        for ok, name, message in _verdicts(gpg, args, pinned):
+            failed += not ok
+            print(f"{'PASS' if ok else 'FAIL'}  {name}  {message}")
+    _banner(not failed)
+    return 1 if failed else 0
+
+
+def _banner(ok):
+    text = "Signature verification OK" if ok else "Signature verification FAILED"
+    print(f"{BANNER}\n{'[II]' if ok else '[WW]'} {text}\n{BANNER}")
+
+
+def cmd_image(args):
+    if os.geteuid() != 0:
+        raise errors.SetupError("building the image needs root (debootstrap, chroot, umoci)")
+    suite = args.suite or mirror.codename()
+    source = args.mirror or mirror.pick(mirror.read_entries(), suite)
+    manifest = image.build(args.wheel, args.image_dir, args.tag, args.cache_dir, suite, source,
+                           args.version)
+    if args.manifest:
+        with open(args.manifest, "wb") as fh:
+            fh.write(manifest)
+    print(f"image {args.image_dir}:{args.tag} manifest {oci.digest_of(manifest)}")
+    return 0
+
+
+def cmd_sums(args):
+    sums.write(args.artifacts, args.out)
+    return 0
+
+
+def cmd_fingerprints(args):
+    pinned = _key_id(args)
+    with private_home() as home:
+        for fpr in keys.load_public(home, pinned, key_file=args.key_file):
+            print(fpr)
+    return 0
+
+
+def main(argv=None):
+    """Run the command line; exit with its status."""
+    args = build_parser().parse_args(argv)
+    handler = {"sign": cmd_sign, "verify": cmd_verify, "image": cmd_image,
+               "sums": cmd_sums, "fingerprints": cmd_fingerprints}[args.command]
+    try:
+        status = handler(args)
+    except errors.SigningError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        status = 2
+    sys.exit(status)
