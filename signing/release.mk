@@ -1,0 +1,122 @@
+# Release artifacts, signing and verification (issue 5). Included by the top-level Makefile.
+#
+#   make dist                      sdist + wheel + SHA256SUMS in $(DIST_DIR)
+#   make image                     OCI image layout of the daemon (root; no container engine)
+#   make sign SECRET_KEY_FILE=...  SHA256SUMS.asc + the image signature (or GNUPGHOME=<keyring>)
+#   make verify TRUST_KEY_FILE=1   PASS/FAIL per artifact against the pinned fingerprint
+#   make info                      every variable below and its value
+#
+# Every knob is ?= overridable. Nothing here reads or writes ~/.gnupg unless GNUPGHOME names
+# it; all gpg work happens in private temporary homes whose agents are stopped afterwards.
+
+NAME ?= xcflushd
+# The package version, read once (not on every expansion); TAG defaults to it, as upstream.
+ifeq ($(origin VERSION),undefined)
+VERSION := $(shell $(or $(PYTHON),python3) -c 'import xcflushd; print(xcflushd.__version__)' 2>/dev/null)
+endif
+TAG ?= $(VERSION)
+REL ?= 1
+DIST_DIR ?= dist
+SDIST ?= $(DIST_DIR)/$(NAME)-$(VERSION).tar.gz
+WHEEL ?= $(DIST_DIR)/$(NAME)-$(VERSION)-py3-none-any.whl
+# The one list of deliverables: it drives SHA256SUMS, its signature and verification.
+ARTIFACTS ?= $(SDIST) $(WHEEL)
+SUMS ?= $(DIST_DIR)/SHA256SUMS
+SUMS_SIGNATURE ?= $(SUMS).asc
+SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null)
+
+IMAGE_TAG ?= $(TAG)-$(REL)
+IMAGE_NAME ?= $(NAME)-image-$(IMAGE_TAG)
+IMAGE_DIR ?= $(DIST_DIR)/$(IMAGE_NAME)
+MANIFEST ?= $(DIST_DIR)/$(IMAGE_NAME).manifest
+SIGNATURE ?= $(DIST_DIR)/$(IMAGE_NAME).signature
+REGISTRY ?= registry.hub.docker.com
+REPOSITORY ?= 3scale
+TARGET_IMAGE ?= $(REGISTRY)/$(REPOSITORY)/$(NAME):$(IMAGE_TAG)
+# The base image is cached here, outside the repository; SUITE/MIRROR empty = this machine's.
+IMAGE_CACHE ?= /var/cache/xcflushd-build
+SUITE ?=
+MIRROR ?=
+
+# The release key, pinned by its full fingerprint (never a short id).
+PINNED_FINGERPRINT_FILE ?= signing/RELEASE_KEY_FINGERPRINT
+ifeq ($(origin KEY_ID),undefined)
+KEY_ID := $(strip $(file <$(PINNED_FINGERPRINT_FILE)))
+endif
+KEY_FILE ?= signing/$(KEY_ID).asc
+# Verify with KEY_FILE (its fingerprint is checked against KEY_ID before import) ...
+TRUST_KEY_FILE ?= 0
+# ... or with the key from the keyring GNUPGHOME (only read) ... or, only when asked, a keyserver.
+GNUPGHOME ?=
+FETCH_KEY ?= 0
+KEYSERVER ?= hkps://keys.openpgp.org
+# Signing: the secret key from SECRET_KEY_FILE (default ./<KEY_ID>.asc if present, imported
+# into a private temporary home) or else from the keyring GNUPGHOME; passphrase from
+# PASSPHRASE_FILE, or the agent when empty.
+SECRET_KEY_FILE ?= $(wildcard $(KEY_ID).asc)
+PASSPHRASE_FILE ?=
+
+SIGNING_TOOL = $(PY) -m signing
+VERIFY_KEY_SOURCE = $(if $(filter 1,$(TRUST_KEY_FILE)),--key-file $(KEY_FILE),$(if $(GNUPGHOME),--gnupghome $(GNUPGHOME),$(if $(filter 1,$(FETCH_KEY)),--keyserver $(KEYSERVER))))
+SIGN_KEY_SOURCE = $(if $(SECRET_KEY_FILE),--secret-key-file $(SECRET_KEY_FILE),$(if $(GNUPGHOME),--gnupghome $(GNUPGHOME))) $(if $(PASSPHRASE_FILE),--passphrase-file $(PASSPHRASE_FILE))
+SUMS_ARGS = --sums $(SUMS) --sums-signature $(SUMS_SIGNATURE) $(addprefix --artifact ,$(ARTIFACTS))
+IMAGE_ARGS = --image-dir $(IMAGE_DIR) --tag $(IMAGE_TAG) --manifest $(MANIFEST) --signature $(SIGNATURE) --reference $(TARGET_IMAGE)
+
+.PHONY: info dist image sign sign-dist sign-image verify verify-dist verify-image \
+	release-tools release-key-fingerprints clean-image-cache
+
+info:
+	@printf '%s\n' "The following variables _can_ be modified (make VAR=value ...):" "" \
+	  "* NAME = $(NAME)" "* VERSION = $(VERSION)" "* TAG = $(TAG)" "* REL = $(REL)" \
+	  "* DIST_DIR = $(DIST_DIR)" "* SDIST = $(SDIST)" "* WHEEL = $(WHEEL)" \
+	  "* ARTIFACTS = $(ARTIFACTS)" "* SUMS = $(SUMS)" "* SUMS_SIGNATURE = $(SUMS_SIGNATURE)" \
+	  "* SOURCE_DATE_EPOCH = $(SOURCE_DATE_EPOCH)" \
+	  "* IMAGE_TAG = $(IMAGE_TAG)" "* IMAGE_NAME = $(IMAGE_NAME)" "* IMAGE_DIR = $(IMAGE_DIR)" \
+	  "* MANIFEST = $(MANIFEST)" "* SIGNATURE = $(SIGNATURE)" \
+	  "* REGISTRY = $(REGISTRY)" "* REPOSITORY = $(REPOSITORY)" "* TARGET_IMAGE = $(TARGET_IMAGE)" \
+	  "* IMAGE_CACHE = $(IMAGE_CACHE)" "* SUITE = $(SUITE)" "* MIRROR = $(MIRROR)" \
+	  "* PINNED_FINGERPRINT_FILE = $(PINNED_FINGERPRINT_FILE)" "* KEY_ID = $(KEY_ID)" \
+	  "* KEY_FILE = $(KEY_FILE)" "* TRUST_KEY_FILE = $(TRUST_KEY_FILE)" \
+	  "* GNUPGHOME = $(GNUPGHOME)" "* FETCH_KEY = $(FETCH_KEY)" "* KEYSERVER = $(KEYSERVER)" \
+	  "* SECRET_KEY_FILE = $(SECRET_KEY_FILE)" "* PASSPHRASE_FILE = $(PASSPHRASE_FILE)"
+
+# `build` runs without isolation on the venv's setuptools, so no build backend is fetched per run.
+release-tools: install
+	@$(PY) -c 'import build, wheel' 2>/dev/null || $(PY) -m pip install -q build wheel 'setuptools>=61'
+
+dist: release-tools
+	@test -n "$(VERSION)" || { echo "cannot read xcflushd.__version__" >&2; exit 1; }
+	rm -f $(SDIST) $(WHEEL)
+	SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) $(PY) -m build --no-isolation --sdist --wheel --outdir $(DIST_DIR) . >/dev/null
+	$(SIGNING_TOOL) sums --out $(SUMS) $(ARTIFACTS)
+	@cat $(SUMS)
+
+image: deps dist
+	$(SIGNING_TOOL) image --wheel $(WHEEL) --version $(VERSION) --image-dir $(IMAGE_DIR) \
+	  --tag $(IMAGE_TAG) --manifest $(MANIFEST) --cache-dir $(IMAGE_CACHE) \
+	  $(if $(SUITE),--suite $(SUITE)) $(if $(MIRROR),--mirror $(MIRROR))
+
+sign: install
+	$(SIGNING_TOOL) sign --key-id $(KEY_ID) $(SIGN_KEY_SOURCE) $(SUMS_ARGS) $(IMAGE_ARGS)
+
+sign-dist: install
+	$(SIGNING_TOOL) sign --key-id $(KEY_ID) $(SIGN_KEY_SOURCE) $(SUMS_ARGS)
+
+sign-image: install
+	$(SIGNING_TOOL) sign --key-id $(KEY_ID) $(SIGN_KEY_SOURCE) $(IMAGE_ARGS)
+
+verify: install
+	@$(SIGNING_TOOL) verify --key-id $(KEY_ID) $(VERIFY_KEY_SOURCE) $(SUMS_ARGS) $(IMAGE_ARGS)
+
+verify-dist: install
+	@$(SIGNING_TOOL) verify --key-id $(KEY_ID) $(VERIFY_KEY_SOURCE) $(SUMS_ARGS)
+
+verify-image: install
+	@$(SIGNING_TOOL) verify --key-id $(KEY_ID) $(VERIFY_KEY_SOURCE) $(IMAGE_ARGS)
+
+# Every fingerprint (primary, then subkeys) of the pinned key in KEY_FILE: what skopeo wants.
+release-key-fingerprints: install
+	@$(SIGNING_TOOL) fingerprints --key-id $(KEY_ID) --key-file $(KEY_FILE)
+
+clean-image-cache:
+	rm -rf $(IMAGE_CACHE)/base-*
