@@ -1,0 +1,1 @@
+"""Tests of the 3scale backend simulator (xcflushd.sim)."""
