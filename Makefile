@@ -36,7 +36,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 install: $(VENV)/.installed
 
 run: deps install
-	$(PY) -m xcflushd.devrun
+	$(PY) -m xcflushd.sim.devrun
 
 test: deps install
 	$(PY) -m pytest $(PYTEST_ARGS)
