@@ -22,8 +22,8 @@ def free_port() -> int:
 class RedisServer:
     """A throw-away redis-server; restartable, with persistence when asked."""
 
-    def __init__(self, persistent: bool = False):
-        self.port = free_port()
+    def __init__(self, persistent: bool = False, port: int = 0):
+        self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="xcf-redis-")
         self.persistent = persistent
         self.proc = None
@@ -130,7 +130,6 @@ class DaemonProcess:
                                      stderr=subprocess.STDOUT, env=full_env, cwd=cwd)
 
     def output(self) -> str:
-        self.log.flush()
         with open(self.log_path) as fh:
             return fh.read()
 
