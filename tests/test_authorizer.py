@@ -76,7 +76,8 @@ def test_application_errors_are_cached_as_denials():
 
 
 def test_our_credential_errors_raise_instead_of_denying_everyone():
-    body = '<?xml version="1.0" encoding="UTF-8"?><error code="provider_key_invalid">provider key "pk" is invalid</error>'
+    body = ('<?xml version="1.0" encoding="UTF-8"?>'
+            '<error code="provider_key_invalid">provider key "pk" is invalid</error>')
     with pytest.raises(BackendRejected) as info:
         parse_status(response(403, body))
     assert info.value.code == "provider_key_invalid"
