@@ -7,13 +7,15 @@ PYTEST_ARGS ?=
 SYSTEM_PACKAGES_FILE := tests/system-packages.txt
 
 .DEFAULT_GOAL := help
-.PHONY: help deps install run test lint clean bench chaos
+.PHONY: help deps install run test test-deploy lint clean bench chaos
 
 help:
 	@echo "make run      run the daemon against a local redis-server and backend simulator (Ctrl-C stops all)"
 	@echo "make test     run the test suite (installs what is missing first)"
 	@echo "make lint     ruff over the package and tests"
 	@echo "make bench    flush-cycle and priority-path benchmark (JSON + table + plot)"
+	@echo "make chaos    the long fault-injection run (kills, Redis restarts, backend faults)"
+	@echo "make test-deploy  the Ansible end-to-end rollout on three systemd-nspawn nodes"
 	@echo "make clean    remove the virtualenv, build outputs and caches"
 
 # System packages the tests need (redis-server, gnupg, ...). Installed with apt-get
@@ -40,6 +42,16 @@ run: deps install
 
 test: deps install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-deploy: deps install
+	$(PY) -m pytest tests/deploy $(PYTEST_ARGS)
+
+chaos: deps install
+	XCFLUSHD_CHAOS=long $(PY) -m pytest tests/reliability $(PYTEST_ARGS)
+
+bench: deps install
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/bench.py $(BENCH_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check xcflushd tests
