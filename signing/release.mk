@@ -86,6 +86,8 @@ release-tools: install
 
 dist: release-tools
 	@test -n "$(VERSION)" || { echo "cannot read xcflushd.__version__" >&2; exit 1; }
+	@git diff --quiet HEAD 2>/dev/null && test -z "$$(git ls-files --others --exclude-standard)" || \
+	  echo "warning: the work tree has changes; build releases from a clean checkout of the tag" >&2
 	rm -f $(SDIST) $(WHEEL)
 	SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) $(PY) -m build --no-isolation --sdist --wheel --outdir $(DIST_DIR) . >/dev/null
 	$(SIGNING_TOOL) sums --out $(SUMS) $(ARTIFACTS)
