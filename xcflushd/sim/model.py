@@ -76,9 +76,10 @@ __all__ = ["Backend", "AuthStatus", "UsageReport", "ConfigError", "demo_config"]
 MAX_ERRORS = 1000
 """How many dropped-batch errors are kept (oldest go first), as apisonator's error log."""
 
-_KEEP_PERIOD_INSTANCES = 3
-"""Counter instances kept per (metric, period): current, plus a past/future one for reports
-with timestamps; older ones can never be asked for again."""
+_PRUNE_ABOVE = 2
+"""A counter keeps one value per period instance (reports may carry timestamps from 24 h ago
+to 1 h ahead). Past instances are dropped once a counter holds more than this many: only the
+current one is ever read."""
 
 _SANE_VALUE = re.compile(r"\A[ \t\r\n\f\v]*#?[0-9]+[ \t\r\n\f\v]*\Z")
 _RUBY_INT = re.compile(r"[ \t\r\n\f\v]*([+-]?[0-9]+)")
@@ -539,8 +540,9 @@ class Backend:
             except SimError as err:
                 self._drop(service, batch, err, now)
                 return False
+            now_bounds = self._now_bounds.get(now)
             for app_id, usage, processed, ts in composed:
-                self._bump(service.id, app_id, processed, ts)
+                self._bump(service.id, app_id, processed, ts, now_bounds)
                 for metric, value in usage.items():
                     _ledger_add(self._received, service.id, app_id, metric, value)
                     if not acknowledged:
@@ -614,7 +616,8 @@ class Backend:
             return found
         raise errors.application_not_found(None)
 
-    def _bump(self, service_id: str, app_id: str, processed: Dict[str, Any], ts: float) -> None:
+    def _bump(self, service_id: str, app_id: str, processed: Dict[str, Any], ts: float,
+              now_bounds) -> None:
         """Add (or set, ``#N``) usage to every period instance holding ``ts``."""
         counters = self._counters.setdefault((service_id, app_id), {})
         bounds = self._ts_bounds.get(ts)
@@ -629,8 +632,10 @@ class Backend:
                     counters[(metric, period)] = {start: n}
                     continue
                 slot[start] = n if setting else slot.get(start, 0) + n
-                if len(slot) > _KEEP_PERIOD_INSTANCES:
-                    del slot[min(slot)]
+                if len(slot) > _PRUNE_ABOVE:
+                    current = now_bounds[period][0]
+                    for old in [s for s in slot if s < current]:
+                        del slot[old]
 
     def _drop(self, service: Service, batch: List[Any], err: SimError, now: float) -> None:
         """Record a dropped batch: one error, and its usage in the ``dropped`` ledger."""
