@@ -118,6 +118,7 @@ def _faults(args: argparse.Namespace) -> Optional[dict]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit status (0 stopped, 1 cannot listen, 2 usage)."""
     try:
         args = _parser().parse_args(argv)
         config = _load_config(args)

@@ -262,7 +262,7 @@ class Backend:
                 "faults_injected": sum(self._faults_injected.values()),
                 "faults_by_kind": dict(self._faults_injected),
                 "applied_but_unacknowledged": self._applied_unacked,
-                "faults": self.faults.spec,
+                "faults": copy.deepcopy(self.faults.spec),
             }
 
     def usage(self, service_id: str, app_id: str) -> Dict[str, Dict[str, int]]:

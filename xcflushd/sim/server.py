@@ -465,6 +465,7 @@ class Simulator:
 
     @property
     def url(self) -> str:
+        """``http://127.0.0.1:<port>`` (the bound port, also when started with port 0)."""
         if self._server is None:
             raise RuntimeError("the simulator is not started")
         host, port = self._server.server_address[:2]
