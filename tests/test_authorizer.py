@@ -1,7 +1,5 @@
 """Per-metric authorization values (decision 4), from parsed backend answers."""
 
-import http.client
-
 import pytest
 
 from xcflushd.authorizer import authorizations
@@ -26,11 +24,9 @@ EXAMPLE_B = (
 
 
 def response(status, body, ctype=XML, **headers):
-    msg = http.client.HTTPMessage()
+    msg = {k.replace("_", "-").lower(): v for k, v in headers.items()}
     if ctype:
-        msg["Content-Type"] = ctype
-    for k, v in headers.items():
-        msg[k.replace("_", "-")] = v
+        msg["content-type"] = ctype
     return Response(status, msg, body.encode())
 
 
