@@ -92,7 +92,9 @@ def public_key_bytes(pinned, key_file=None, keyring=None, keyserver=None):
     if keyserver:
         with private_home() as scratch:
             gpg = open_gpg(scratch)
-            gpg.recv_keys(keyserver, pinned)
+            fetched = gpg.recv_keys(keyserver, pinned)
+            if pinned not in (fetched.fingerprints or []):
+                raise errors.SetupError(f"could not fetch {pinned} from keyserver {keyserver}")
             data = gpg.export_keys(pinned, armor=False)
         return (data.encode("latin-1") if isinstance(data, str) else data), f"keyserver {keyserver}"
     raise errors.SetupError(

@@ -9,7 +9,7 @@ import os
 import subprocess
 
 import pytest
-from conftest import REFERENCE, run_make
+from signing_helpers import REFERENCE, run_make
 
 from signing import atomic, imagesig
 from signing.gpghome import open_gpg, stop_agent

@@ -11,7 +11,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import REPO, run_make
+from signing_helpers import REPO, run_make
 
 from signing import oci
 from signing.gpghome import open_gpg, stop_agent

@@ -3,7 +3,7 @@
 import os
 import subprocess
 
-from conftest import REFERENCE, REPO, run_make
+from signing_helpers import REFERENCE, REPO, run_make
 
 VARIABLES = ("TAG", "REL", "KEY_ID", "KEY_FILE", "TRUST_KEY_FILE", "GNUPGHOME", "MANIFEST",
              "SIGNATURE", "TARGET_IMAGE", "SUMS", "SUMS_SIGNATURE", "ARTIFACTS", "IMAGE_DIR",
@@ -92,6 +92,14 @@ def test_verify_without_a_key_source_says_how_to_get_one(signed):
     assert proc.returncode != 0
     assert "FAIL  release key  no source for the public key" in proc.stdout
     assert "TRUST_KEY_FILE=1" in proc.stdout
+
+
+def test_keyserver_only_when_asked_and_its_failure_is_clear(signed):
+    # A closed loopback port stands in for an unreachable keyserver.
+    proc = run_make("verify", *signed.make_vars(TRUST_KEY_FILE="0", FETCH_KEY="1",
+                                                KEYSERVER="hkp://127.0.0.1:9"))
+    assert proc.returncode != 0
+    assert f"FAIL  release key  could not fetch {signed.key.primary}" in proc.stdout
 
 
 def test_sign_without_a_secret_key_fails_clearly(release):

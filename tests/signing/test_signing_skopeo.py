@@ -5,7 +5,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import REFERENCE, run_make
+from signing_helpers import REFERENCE, run_make
 
 from signing.gpghome import private_home, stop_agent
 
