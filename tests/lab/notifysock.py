@@ -35,11 +35,21 @@ class NotifyListener:
             fields = dict(line.split("=", 1) for line in data.decode().split("\n") if "=" in line)
             self.received.append((time.monotonic(), fields))
 
-    def wait_for(self, key: str, timeout: float, value=None) -> dict:
-        """The first message (old or new) holding ``key`` (with ``value``, if given)."""
+    def wait_for(self, key: str, timeout: float, value=None, alive=None) -> dict:
+        """The first message (old or new) holding ``key`` (with ``value``, if given).
+
+        ``alive``: a callable; when it returns false the wait ends at once (the
+        sender died), with an AssertionError like a timeout.
+        """
         deadline = time.monotonic() + timeout
         seen = 0
         while True:
+            if alive is not None and not alive():
+                self.poll(0.1)
+                for _, fields in self.received[seen:]:
+                    if key in fields and (value is None or fields[key] == value):
+                        return fields
+                raise AssertionError(f"sender gone before {key}; got {self.received!r}")
             for _, fields in self.received[seen:]:
                 if key in fields and (value is None or fields[key] == value):
                     return fields

@@ -57,6 +57,9 @@ BASE_PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3")
 
 SUITE = "bookworm"
 
+#: Bump when _build_root changes what it makes: old cached roots are then ignored.
+RECIPE = 2
+
 #: PATH for commands run inside a node (the host's PATH means nothing there).
 NODE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -99,7 +102,7 @@ def host_mirror() -> str:
 def root_name(packages: Iterable[str] = ()) -> str:
     """Cache directory name for a root with these extra packages."""
     wanted = sorted(set(packages))
-    digest = hashlib.sha256(" ".join([SUITE, *BASE_PACKAGES, "|", *wanted]).encode())
+    digest = hashlib.sha256(" ".join([SUITE, str(RECIPE), *BASE_PACKAGES, "|", *wanted]).encode())
     return f"{SUITE}-{digest.hexdigest()[:12]}"
 
 
@@ -166,6 +169,9 @@ def _build_root(build: Path, packages: Sequence[str], log) -> None:
     # the machine name as hostname (debootstrap copied the host's).
     (build / "etc/machine-id").write_text("")
     (build / "etc/hostname").unlink(missing_ok=True)
+    hosts = build / "etc/hosts"  # debootstrap writes none: "localhost" would not resolve
+    if not hosts.exists():
+        hosts.write_text("127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n")
 
 
 # --------------------------------------------------------------------------- availability
