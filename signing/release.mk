@@ -17,8 +17,9 @@ endif
 TAG ?= $(VERSION)
 REL ?= 1
 DIST_DIR ?= dist
-SDIST ?= $(DIST_DIR)/$(NAME)-$(VERSION).tar.gz
-WHEEL ?= $(DIST_DIR)/$(NAME)-$(VERSION)-py3-none-any.whl
+# Named by TAG so that `make verify TAG=x.y.z` checks release x.y.z from any checkout.
+SDIST ?= $(DIST_DIR)/$(NAME)-$(TAG).tar.gz
+WHEEL ?= $(DIST_DIR)/$(NAME)-$(TAG)-py3-none-any.whl
 # The one list of deliverables: it drives SHA256SUMS, its signature and verification.
 ARTIFACTS ?= $(SDIST) $(WHEEL)
 SUMS ?= $(DIST_DIR)/SHA256SUMS
@@ -86,6 +87,7 @@ release-tools: install
 
 dist: release-tools
 	@test -n "$(VERSION)" || { echo "cannot read xcflushd.__version__" >&2; exit 1; }
+	@test "$(TAG)" = "$(VERSION)" || { echo "TAG=$(TAG) but the tree is version $(VERSION): dist builds the tree" >&2; exit 1; }
 	@git diff --quiet HEAD 2>/dev/null && test -z "$$(git ls-files --others --exclude-standard)" || \
 	  echo "warning: the work tree has changes; build releases from a clean checkout of the tag" >&2
 	rm -f $(SDIST) $(WHEEL)
