@@ -189,3 +189,26 @@ def test_a_sigstopped_daemon_is_killed_by_the_watchdog_and_restarted(node):
     assert f"Killing process {before['MainPID']} (xcflushd) with signal SIGABRT" in journal
     assert "Failed with result 'watchdog'" in journal
     assert node.run(["kill", "-0", before["MainPID"]], check=False).returncode != 0  # the old one is gone
+
+
+def test_redis_over_a_unix_socket_with_the_readme_drop_in(node):
+    """AF_UNIX to Redis works under ProtectSystem=strict once the unit joins the socket's group."""
+    node.sh("cp /etc/redis/redis.conf /etc/redis/redis.conf.lab && "
+            "printf 'unixsocket /run/redis/redis-server.sock\\nunixsocketperm 770\\n' >> /etc/redis/redis.conf")
+    node.write("/etc/systemd/system/xcflushd.service.d/20-lab-unix.conf", "[Service]\nSupplementaryGroups=redis\n")
+    node.write("/etc/xcflushd/xcflushd.conf",
+               CONFIG.replace("redis = 127.0.0.1:6379", "redis = unix:///run/redis/redis-server.sock"))
+    try:
+        node.systemctl("restart", "redis-server.service")
+        node.systemctl("daemon-reload")
+        node.systemctl("restart", "xcflushd.service", timeout=120)
+        status = wait_until(lambda: re.search(r"last flush \S+: \d+ apps reported, 0 failed",
+                                              props(node, "StatusText")["StatusText"]), 20, "a flush over the socket")
+        assert status
+        assert "redis=unix:///run/redis/redis-server.sock" in node.journal("xcflushd.service", "-n", "30")
+    finally:
+        node.sh("mv /etc/redis/redis.conf.lab /etc/redis/redis.conf && "
+                "rm /etc/systemd/system/xcflushd.service.d/20-lab-unix.conf")
+        node.write("/etc/xcflushd/xcflushd.conf", CONFIG)
+        node.systemctl("restart", "redis-server.service")
+        node.systemctl("daemon-reload")
