@@ -51,7 +51,7 @@ chaos: deps install
 
 bench: deps install
 	$(PY) -m pip install -q -e '.[bench]'
-	$(PY) bench/bench.py $(BENCH_ARGS)
+	$(PY) tests/bench/bench.py $(BENCH_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check xcflushd tests

@@ -80,7 +80,9 @@ def redis_server():
 @pytest.fixture
 def r(redis_server):
     """A client on a clean database."""
-    client = redis.Redis(port=redis_server.port, decode_responses=True, encoding_errors="surrogateescape")
+    from xcflushd.storage import connect
+
+    client = connect(redis_server.url)  # strings round-trip any bytes, as the daemon's
     client.flushall()
     yield client
     client.close()

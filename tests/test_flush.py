@@ -2,7 +2,6 @@
 backend, auth hashes with TTL out, nothing left behind or lost."""
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -26,14 +25,12 @@ def flusher_for(redis_server, r):
         settings.setdefault("report_auth_wait", 0)
         settings.setdefault("auth_ttl", 600)
         backend = make_client(sim.url, ServiceCredentials("pk-test"), 2, 5)
-        pool = ThreadPoolExecutor(8)
-        flusher = Flusher(Storage(connect(redis_server.url)), backend, pool, FlushSettings(**settings))
-        made.append((backend, pool))
+        flusher = Flusher(Storage(connect(redis_server.url)), backend, FlushSettings(**settings))
+        made.append(backend)
         return flusher
 
     yield make
-    for backend, pool in made:
-        pool.shutdown()
+    for backend in made:
         backend.close()
 
 
@@ -218,12 +215,11 @@ def test_hopeless_report_moves_to_dead_letter_after_a_few_cycles(sim, r, gateway
 def test_credential_errors_keep_retrying(sim, r, gateway, redis_server):
     gateway.cache_report("555", A1, "hits", 3)
     backend = make_client(sim.url, ServiceCredentials("wrong-key"), 2, 5)
-    with ThreadPoolExecutor(2) as pool:
-        flusher = Flusher(Storage(connect(redis_server.url)), backend, pool,
-                          FlushSettings(report_auth_wait=0, dead_letter_after=1))
-        for _ in range(3):
-            result = flusher.flush_once()
-            assert result.failed == 1 and result.dead_lettered == 0
+    settings = FlushSettings(report_auth_wait=0, dead_letter_after=1)
+    flusher = Flusher(Storage(connect(redis_server.url)), backend, settings)
+    for _ in range(3):
+        result = flusher.flush_once()
+        assert result.failed == 1 and result.dead_lettered == 0
     assert r.hgetall(report_key("555", A1)) == {"hits": "3"}
     assert r.exists(auth_key("555", A1)) == 0  # no denial cached because of our own key
 
@@ -231,7 +227,6 @@ def test_credential_errors_keep_retrying(sim, r, gateway, redis_server):
 def test_service_tokens_authenticate_per_service(sim, r, gateway, redis_server):
     gateway.cache_report("555", A1, "hits", 2)
     backend = make_client(sim.url, ServiceCredentials(None, {"555": "st-555"}), 2, 5)
-    with ThreadPoolExecutor(2) as pool:
-        flusher = Flusher(Storage(connect(redis_server.url)), backend, pool, FlushSettings(report_auth_wait=0))
-        assert flusher.flush_once().ok
+    flusher = Flusher(Storage(connect(redis_server.url)), backend, FlushSettings(report_auth_wait=0))
+    assert flusher.flush_once().ok
     assert sim.backend.received()["555"]["a1b2c3"] == {"hits": 2}

@@ -43,14 +43,13 @@ class Daemon:
         self.wedge = environ.get(WEDGE_ENV, "")
         self.last_result: Optional[FlushResult] = None
         s = settings
-        self.redis = connect(s.redis_url, s.redis_password, pool_size=s.threads + s.prio_threads + 4)
+        self.redis = connect(s.redis_url, s.redis_password, pool_size=s.prio_threads + 8)
         self.storage = Storage(self.redis)
         self.backend = make_client(s.backend_url, ServiceCredentials(s.provider_key, s.service_tokens),
                                    s.connect_timeout, s.read_timeout, s.backend_proxy)
-        self.flush_pool = ThreadPoolExecutor(s.threads, thread_name_prefix="flush")
-        self.flusher = Flusher(self.storage, self.backend, self.flush_pool, FlushSettings(
+        self.flusher = Flusher(self.storage, self.backend, FlushSettings(
             auth_ttl=s.auth_ttl, report_auth_wait=s.report_auth_wait, batch_size=s.report_batch_size,
-            in_flight=4 * s.threads), self.stop)
+            concurrency=s.threads), self.stop)
 
     # ---- one cycle -------------------------------------------------------------
 
@@ -170,6 +169,5 @@ class Daemon:
         return 0
 
     def _close(self) -> None:
-        self.flush_pool.shutdown(wait=False, cancel_futures=True)
         self.backend.close()
         self.redis.close()

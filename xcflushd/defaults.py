@@ -9,7 +9,7 @@ FREQUENCY = 300                 # seconds between the starts of two flush cycles
 REPORT_AUTH_WAIT = 5            # reports are applied asynchronously by the backend
 REPORT_BATCH_SIZE = 1000        # backend documents 1000 transactions per report call
 REPORT_BATCH_MAX_PARAMS = 4000  # current backend rejects bodies over 4096 form parameters
-THREADS = 16                    # flush-cycle HTTP concurrency
+THREADS = 32                    # flush-cycle backend calls in flight at once
 PRIO_THREADS = 8                # priority-renewer HTTP concurrency
 BACKEND_CONNECT_TIMEOUT = 5
 BACKEND_READ_TIMEOUT = 10
@@ -19,6 +19,7 @@ REDIS_CHUNK = 1000              # keys per pipelined Redis round trip
 LEASE_TTL = 60                  # a cycle's claim on its hand-over keys; renewed while it works
 RECOVERY_INTERVAL = 30          # how often to SCAN for keys left behind by a dead cycle
 DEAD_LETTER_AFTER = 3           # cycles a hopeless report is retried before it is set aside
+ACK_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0, 1.0, 2.0, 2.0, 3.0)  # ~10 s of DEL retries after a 2xx
 PUBLISH_RETRY_DELAYS = (0.002, 0.005, 0.005, 0.010, 0.015)  # as the Ruby daemon
 MAX_RESPONSE_BYTES = 1 << 20    # a status document is a few KB; anything huge is garbage
 

@@ -1,20 +1,21 @@
 """One flush cycle: cached reports -> backend -> cached authorizations.
 
 ``Flusher.flush_once()`` is synchronous and testable; the scheduler decides
-when it runs. Phases: hand over (take reports out of the gateway's way),
-report (batched per service only for applications confirmed by a live cached
-authorization, decision 5), wait (the backend applies reports
-asynchronously), authorize (each reported application, concurrently), and
-store the authorizations. The report phase streams through the reports in
-chunks, so memory stays flat however many applications are pending.
+when it runs. Its backend calls are multiplexed from the calling thread
+(``BackendClient.report_many``/``authorize_many``), ``concurrency`` at a time.
+Phases: hand over (take reports out of the gateway's way), report (batched
+per service only for applications confirmed by a live cached authorization,
+decision 5), wait (the backend applies reports asynchronously), authorize
+(each reported application), and store the authorizations. The report phase
+streams through the reports in chunks, so memory stays flat however many
+applications are pending.
 """
 
 import collections
 import logging
 import threading
 import time
-from concurrent.futures import Executor, Future
-from typing import Callable, Deque, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 from . import defaults
 from .authorizer import authorizations
@@ -45,7 +46,7 @@ class FlushSettings(NamedTuple):
     batch_max_params: int = defaults.REPORT_BATCH_MAX_PARAMS
     lease_ttl: int = defaults.LEASE_TTL
     dead_letter_after: int = defaults.DEAD_LETTER_AFTER
-    in_flight: int = 4 * defaults.THREADS   # calls queued or running at once
+    concurrency: int = defaults.THREADS     # backend calls in flight at once
 
 
 class FlushResult:
@@ -86,27 +87,11 @@ class FlushResult:
         return text + (f" error={self.error}" if self.error else "")
 
 
-def bounded_map(executor: Executor, fn: Callable, items: Iterable, limit: int) -> Iterator:
-    """Like executor.map, but with at most ``limit`` calls queued or running.
-
-    Executor.map submits everything at once, which holds every item and
-    result in memory; a flush cycle can have tens of thousands.
-    """
-    pending: Deque[Future] = collections.deque()
-    for item in items:
-        pending.append(executor.submit(fn, item))
-        if len(pending) >= limit:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
-
-
 class Flusher:
-    def __init__(self, storage: Storage, backend: BackendClient, executor: Executor,
+    def __init__(self, storage: Storage, backend: BackendClient,
                  settings: Optional[FlushSettings] = None, stop: Optional[threading.Event] = None):
         self.storage = storage
         self.backend = backend
-        self.executor = executor
         self.settings = settings or FlushSettings()
         self.stop = stop or threading.Event()
         self.last_progress = time.monotonic()  # moves while a cycle works; for the watchdog
@@ -148,15 +133,53 @@ class Flusher:
                     result: FlushResult) -> Dict[str, Tuple[str, ...]]:
         """Deliver every owned report; returns report key -> reported metrics."""
         to_authorize: Dict[str, Tuple[str, ...]] = {}
-        calls = self._calls(owned, cycle, result, to_authorize)
-        deliver = lambda call: self._deliver(call, cycle, result)  # noqa: E731
+        calls: Iterable[List[Report]] = self._calls(owned, cycle, result, to_authorize)
+        while calls:
+            retry: List[List[Report]] = []
+            acks = _Acks(self.storage, result)
+            try:
+                self._deliver(calls, cycle, result, acks, retry)
+            finally:
+                acks.flush()  # what the backend took must leave Redis, whatever happens next
+            calls = retry
+        return to_authorize
+
+    def _deliver(self, calls, cycle: Cycle, result: FlushResult, acks: "_Acks", retry: List) -> None:
+        """Send report calls; acknowledge, restore, set aside, or queue halves in ``retry``."""
         last_renewal = time.monotonic()
-        for _ in bounded_map(self.executor, deliver, calls, self.settings.in_flight):
+        for call, error in self.backend.report_many(
+                ((call, call[0].service_id, [(r.credentials, r.usage) for r in call])
+                 for call in self._unless_stopping(calls, result)),
+                self.settings.concurrency):
             self.last_progress = time.monotonic()
+            result.add(report_calls=1)
+            if error is None:
+                acks.add(call)
+            elif isinstance(error, BackendRejected) and len(call) > 1 and error.code not in CREDENTIAL_ERRORS:
+                # Too big (bad_request) or one bad transaction: never let it
+                # hold the others back; halves, down to single calls.
+                log.warning("report of %d transactions for service %s rejected (%s): splitting",
+                            len(call), call[0].service_id, error)
+                half = len(call) // 2
+                retry += [call[:half], call[half:]]
+            elif isinstance(error, BackendRejected):
+                self._rejected(call, error, cycle, result)
+            else:
+                log.warning("report for service %s failed, %d report(s) kept for the next cycle: %s",
+                            call[0].service_id, len(call), error)
+                self.storage.restore(call)
+                result.add(failed=len(call))
             if time.monotonic() - last_renewal > self.settings.lease_ttl / 3:
                 self.storage.renew_lease(cycle, self.settings.lease_ttl)
                 last_renewal = time.monotonic()
-        return to_authorize
+
+    def _unless_stopping(self, calls: Iterable[List[Report]], result: FlushResult) -> Iterator[List[Report]]:
+        for call in calls:
+            if self.stop.is_set():
+                self.storage.restore(call)  # stopping: hand usage back to the gateway's set now
+                result.add(failed=len(call))
+            else:
+                yield call
 
     def _calls(self, owned, cycle, result, to_authorize) -> Iterator[List[Report]]:
         """Read owned reports chunk by chunk and group them into report calls."""
@@ -184,36 +207,6 @@ class Flusher:
                 params[report.service_id] = params.get(report.service_id, 0) + size
         yield from (b for b in batches.values() if b)
 
-    def _deliver(self, call: List[Report], cycle: Cycle, result: FlushResult) -> None:
-        if self.stop.is_set():
-            self.storage.restore(call)  # stopping: hand usage back to the gateway's set now
-            result.add(failed=len(call))
-            return
-        service_id = call[0].service_id
-        try:
-            result.add(report_calls=1)
-            self.backend.report(service_id, [(r.credentials, r.usage) for r in call])
-        except BackendRejected as exc:
-            if len(call) > 1 and exc.code not in CREDENTIAL_ERRORS:
-                # Too big (bad_request) or one bad transaction: never let it
-                # hold the others back; halves, down to single calls.
-                half = len(call) // 2
-                log.warning("report of %d transactions for service %s rejected (%s): splitting",
-                            len(call), service_id, exc)
-                self._deliver(call[:half], cycle, result)
-                self._deliver(call[half:], cycle, result)
-                return
-            self._rejected(call, exc, cycle, result)
-            return
-        except BackendError as exc:
-            log.warning("report for service %s failed, %d report(s) kept for the next cycle: %s",
-                        service_id, len(call), exc)
-            self.storage.restore(call)
-            result.add(failed=len(call))
-            return
-        self.storage.acknowledge(call)
-        result.add(delivered=len(call))
-
     def _rejected(self, call: List[Report], exc: BackendRejected, cycle: Cycle, result: FlushResult) -> None:
         if exc.code in CREDENTIAL_ERRORS or exc.status == 0:
             log.error("report for service %s refused, our credentials: %s (kept for the next cycle)",
@@ -239,12 +232,13 @@ class Flusher:
     def _authorize_all(self, to_authorize: Dict[str, Tuple[str, ...]], result: FlushResult) -> None:
         failures: Dict[str, int] = collections.Counter()
         renewed = []
-        for outcome in bounded_map(self.executor, self._authorize_one, to_authorize.items(), self.settings.in_flight):
+        items = self._authorize_items(to_authorize, failures)
+        for (key, metrics), outcome in self.backend.authorize_many(items, self.settings.concurrency):
             self.last_progress = time.monotonic()
-            if isinstance(outcome, str):
-                failures[outcome] += 1
+            if isinstance(outcome, BackendError):
+                failures[str(outcome)] += 1
                 continue
-            renewed.append(outcome)
+            renewed.append((key, authorizations(outcome, metrics)))
             if len(renewed) >= defaults.REDIS_CHUNK:
                 self.storage.write_authorizations(renewed, self.settings.auth_ttl)
                 result.add(authorized=len(renewed))
@@ -255,15 +249,46 @@ class Flusher:
             log.warning("authorize failed for %d application(s), cached authorizations left to expire: %s",
                         count, message)
 
-    def _authorize_one(self, item: Tuple[str, Tuple[str, ...]]):
-        """-> (auth key, values), or an error message."""
-        key, metrics = item
-        try:
-            service_id, creds = parse_report_key(key)
-            status = self.backend.authorize(service_id, creds)
-        except (BackendError, MalformedKey) as exc:
-            return str(exc)
-        return auth_key(service_id, creds), authorizations(status, metrics)
+    @staticmethod
+    def _authorize_items(to_authorize: Dict[str, Tuple[str, ...]], failures: Dict[str, int]):
+        for report_key_, metrics in to_authorize.items():
+            try:
+                service_id, creds = parse_report_key(report_key_)
+            except MalformedKey as exc:
+                failures[str(exc)] += 1
+                continue
+            yield (auth_key(service_id, creds), metrics), service_id, creds
+
+
+class _Acks:
+    """Acknowledged reports, deleted from Redis a few at a time.
+
+    One DEL per call would cost a Redis round trip per application in a cold
+    cycle; grouping them keeps the at-least-once window (backend took it,
+    Redis still holds it) to a few milliseconds.
+    """
+
+    MAX = 64
+    MAX_AGE = 0.01
+
+    def __init__(self, storage: Storage, result: FlushResult):
+        self.storage = storage
+        self.result = result
+        self.pending: List[Report] = []
+        self.since = 0.0
+
+    def add(self, call: List[Report]) -> None:
+        if not self.pending:
+            self.since = time.monotonic()
+        self.pending.extend(call)
+        if len(self.pending) >= self.MAX or time.monotonic() - self.since >= self.MAX_AGE:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.storage.acknowledge(self.pending)
+            self.result.add(delivered=len(self.pending))
+            self.pending = []
 
 
 def _confirmed(cached: Dict[str, str], usage: Dict[str, int]) -> bool:

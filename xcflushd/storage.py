@@ -25,6 +25,7 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 import redis
 
 from .defaults import (
+    ACK_RETRY_DELAYS,
     DEAD_LETTER_HASH,
     FAILURES_HASH,
     FLUSHING_PREFIX,
@@ -80,11 +81,28 @@ def _storage_errors(method):
     return wrapper
 
 
+def _command_packer():
+    """redis-py's own serializer, so strings are encoded with surrogateescape.
+
+    With hiredis installed (its parser is several times faster) redis-py also
+    packs commands with hiredis, which encodes strict UTF-8 and would fail on
+    the rare key holding bytes that are not UTF-8.
+    """
+    try:
+        from redis.connection import Encoder, PythonRespSerializer
+        return PythonRespSerializer(6000, Encoder("utf-8", "surrogateescape", False).encode)
+    except (ImportError, TypeError):  # older or newer redis-py: its default packer
+        return None
+
+
 def connect(url: str, password: Optional[str] = None, pool_size: int = 32, timeout: float = 10.0) -> redis.Redis:
     """A client whose strings round-trip any bytes the gateway wrote."""
     kwargs = dict(decode_responses=True, encoding_errors="surrogateescape", socket_timeout=timeout,
                   socket_connect_timeout=min(timeout, 5.0), max_connections=pool_size,
                   health_check_interval=30, client_name="xcflushd")
+    packer = _command_packer()
+    if packer is not None:
+        kwargs["command_packer"] = packer
     if password is not None:
         kwargs["password"] = password
     return redis.Redis.from_url(url, **kwargs)
@@ -265,13 +283,30 @@ class Storage:
 
     @_storage_errors
     def acknowledge(self, reports: Sequence[Report], had_failures: bool = False) -> None:
-        """The backend took these: their usage leaves Redis now."""
+        """The backend took these: their usage leaves Redis now.
+
+        Usage left here after the backend's 2xx is reported again by a later
+        cycle, so a lost connection or a Redis restart does not end it: the
+        DEL is idempotent (nothing else ever writes a cycle's ``to_flush:``
+        names) and is retried for a while (``ACK_RETRY_DELAYS``). Only a
+        process that dies here, or an outage that outlasts the retries,
+        counts usage twice (decision 6).
+        """
         for chunk in iter_chunks(reports, self.chunk):
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.delete(*(r.to_flush_key for r in chunk))
-            if had_failures:
-                pipe.hdel(FAILURES_HASH, *(r.report_key for r in chunk))
-            pipe.execute()
+            for delay in ACK_RETRY_DELAYS + (None,):
+                try:
+                    pipe = self.redis.pipeline(transaction=False)
+                    pipe.delete(*(r.to_flush_key for r in chunk))
+                    if had_failures:
+                        pipe.hdel(FAILURES_HASH, *(r.report_key for r in chunk))
+                    pipe.execute()
+                    break
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    if delay is None:
+                        raise
+                    log.warning("acknowledging %d delivered report(s): %s; retrying in %.2fs",
+                                len(chunk), type(exc).__name__, delay)
+                    time.sleep(delay)
 
     @_storage_errors
     def restore(self, reports: Sequence[Report]) -> None:
