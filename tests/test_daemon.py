@@ -50,7 +50,7 @@ def test_stop_during_the_wait_skips_authorize_and_loses_nothing(tmp_path, r, red
 
 
 def test_waits_for_redis_before_ready(tmp_path, sim, daemon_process):
-    from conftest import RedisServer, free_port
+    from xcftest import RedisServer, free_port
 
     port = free_port()
     daemon = daemon_process(["run", "--redis", f"127.0.0.1:{port}", "--backend", sim.url,

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis as redislib
-from conftest import DEMO_CONFIG, RedisServer
+from xcftest import DEMO_CONFIG, RedisServer
 
 from xcflushd.backend import ServiceCredentials, make_client
 from xcflushd.keys import Credentials, auth_key
