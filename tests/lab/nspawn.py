@@ -34,6 +34,7 @@ import shutil
 import signal
 import subprocess
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
@@ -287,7 +288,9 @@ class Node:
     :meth:`start` boots and waits for ``systemctl is-system-running --wait``;
     :meth:`run` executes a command inside (``nsenter`` into all of PID 1's
     namespaces, a clean environment); :meth:`stop` powers off. The nspawn
-    console output goes to :attr:`console_log`.
+    console output goes to :attr:`console_log` (a temporary file removed at
+    :meth:`stop` unless ``console_log=`` names one); :meth:`console_tail`
+    reads it, and boot failures quote it.
     """
 
     def __init__(self, root: PathLike, name: Optional[str] = None, *,
@@ -304,8 +307,10 @@ class Node:
         self.binds = list(binds)
         self.binds_ro = list(binds_ro)
         self.nspawn_args = list(nspawn_args)
+        # The console goes to a temporary file, removed at stop(), unless given.
+        self._own_console_log = console_log is None
         self.console_log = Path(console_log) if console_log else Path(
-            f"/tmp/xcflushd-lab-{self.name}.log")
+            tempfile.gettempdir()) / f"xcflushd-lab-{self.name}.log"
         self.proc: Optional[subprocess.Popen] = None
         self.leader: Optional[int] = None  # the container's PID 1, as the host sees it
         self.system_state: Optional[str] = None
@@ -391,6 +396,8 @@ class Node:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
+        if self._own_console_log:
+            self.console_log.unlink(missing_ok=True)
         return self.proc.returncode
 
     def __enter__(self) -> "Node":
