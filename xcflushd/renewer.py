@@ -163,21 +163,16 @@ class PriorityRenewer:
             waiting = self._in_flight.pop(key, [])
         if values is None:
             return
-        try:
-            self.storage.write_authorizations({w.auth_key: values for w in waiting}.items(), self.auth_ttl)
-        except StorageUnavailable as exc:
-            log.warning("could not cache priority authorization: %s", exc)
-        for request in waiting:
-            self._publish(request.response_channel, values[metric])
-
-    def _publish(self, channel: str, value: str) -> None:
+        auths = {w.auth_key: values for w in waiting}
+        answers = [(w.response_channel, values[metric]) for w in waiting]
         for delay in PUBLISH_RETRY_DELAYS + (None,):
             try:
-                self.storage.publish(channel, value)
-                self.answered += 1
+                # One round trip: cache, then answer (the gateway reads the cache next).
+                self.storage.cache_and_answer(auths, answers, self.auth_ttl)
+                self.answered += len(answers)
                 return
             except StorageUnavailable as exc:
                 if delay is None:
-                    log.warning("could not publish a priority authorization: %s", exc)
+                    log.warning("could not cache and publish a priority authorization: %s", exc)
                     return
                 time.sleep(delay)

@@ -346,6 +346,14 @@ class Storage:
             pipe.execute()
 
     @_storage_errors
-    def publish(self, channel: str, message: str) -> int:
-        return self.redis.publish(channel, message)
+    def cache_and_answer(self, auths: Dict[str, Dict[str, str]], answers: Sequence[Tuple[str, str]],
+                         ttl: int) -> None:
+        """Write auth hashes and publish priority answers, in this order, in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for key, values in auths.items():
+            pipe.hset(key, mapping=values)
+            pipe.expire(key, ttl)
+        for channel, message in answers:
+            pipe.publish(channel, message)
+        pipe.execute()
 
