@@ -91,7 +91,12 @@ dist: release-tools
 	@git diff --quiet HEAD 2>/dev/null && test -z "$$(git ls-files --others --exclude-standard)" || \
 	  echo "warning: the work tree has changes; build releases from a clean checkout of the tag" >&2
 	rm -f $(SDIST) $(WHEEL)
-	SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) $(PY) -m build --no-isolation --sdist --wheel --outdir $(DIST_DIR) . >/dev/null
+	@# Built from a private copy: setuptools' sdist hard-links the sources into a
+	@# fixed directory of the tree, so two builds at once could truncate a source file.
+	@mkdir -p $(DIST_DIR) && src=$$(mktemp -d) && trap 'rm -rf "$$src"' EXIT && \
+	  tar -cf - --exclude=./.venv --exclude=./.git --exclude=./build --exclude='./$(DIST_DIR)' . | tar -xf - -C "$$src" && \
+	  SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) $(PY) -m build --no-isolation --sdist --wheel \
+	    --outdir "$$(cd $(DIST_DIR) && pwd)" "$$src" >/dev/null
 	$(SIGNING_TOOL) sums --out $(SUMS) $(ARTIFACTS)
 	@cat $(SUMS)
 
