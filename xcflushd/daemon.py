@@ -8,6 +8,7 @@ service restarted, while a Redis or backend outage (threads alive, retrying)
 does not.
 """
 
+import faulthandler
 import logging
 import os
 import signal
@@ -73,6 +74,9 @@ class Daemon:
         # A thread that wants the GIL waits up to this long for a busy one: 1 ms
         # instead of 5 keeps priority answers quick while a flush cycle runs.
         sys.setswitchinterval(0.001)
+        # A wedged thread is killed by systemd's watchdog with SIGABRT: leave
+        # every thread's stack in the journal to say where it hung.
+        faulthandler.enable()
         log.info("xcflushd %s starting: redis=%s backend=%s frequency=%ss auth_ttl=%ss threads=%d prio_threads=%d",
                  __version__, s.redis_display, s.backend_url, s.frequency, s.auth_ttl, s.threads, s.prio_threads)
         self.prio_pool = ThreadPoolExecutor(s.prio_threads, thread_name_prefix="prio")
