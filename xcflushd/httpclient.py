@@ -351,9 +351,17 @@ class Transport:
                         yield outcome
                 now = time.monotonic()
                 for sock, call in list(in_flight.items()):
-                    if call.deadline <= now:
-                        self._abandon(sock, in_flight, selector)
-                        yield call.tag, BackendUnavailable(f"{call.request.path}: timed out")
+                    if call.deadline <= now and sock in in_flight:
+                        # The caller may have held this generator past the deadline (a
+                        # Redis stall under an acknowledgement): an answer that arrived
+                        # meanwhile is an answer. Timing it out would put back usage the
+                        # backend already took, to be reported twice.
+                        outcome = self._receive(sock, in_flight, selector)
+                        if outcome:
+                            yield outcome
+                        elif in_flight.get(sock) is call:
+                            self._abandon(sock, in_flight, selector)
+                            yield call.tag, BackendUnavailable(f"{call.request.path}: timed out")
         finally:
             for sock in list(in_flight):
                 self._abandon(sock, in_flight, selector)
