@@ -91,6 +91,11 @@ def refuse_visible_secrets(argv: List[str]) -> None:
 
 
 def setup_logging(level: str) -> None:
+    # Keys and messages from Redis may hold bytes that are not UTF-8 (kept as
+    # surrogates): written raw they make a line the journal stores as a blob,
+    # or, under a strict locale, a logging error instead of the line.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
     handler = logging.StreamHandler(sys.stdout)
     fmt = "%(levelname)s %(name)s: %(message)s"
     if "JOURNAL_STREAM" not in os.environ:  # the journal stamps lines itself
