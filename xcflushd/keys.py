@@ -198,15 +198,21 @@ def denial_reason(value: str) -> Optional[str]:
     return value[2:] if value.startswith("0") and len(value) >= 3 else None
 
 
+_COUNTER = re.compile(r"[0-9]{1,19}")
+_COUNTER_MAX = (1 << 63) - 1  # Redis counters are signed 64-bit
+
+
 def parse_usage(fields: Dict[str, str]) -> Tuple[Dict[str, int], Dict[str, str]]:
-    """A report hash's fields -> (usage, fields that are not non-negative integers)."""
+    """A report hash's fields -> (usage, fields that HINCRBY cannot have written).
+
+    Usage is what the gateway's HINCRBY leaves: plain decimal digits, at most
+    a 64-bit counter. Anything else (``-4``, ``1.5``, `` 7``, ``1_000``, 10**23)
+    was written by something else and is set aside, not reported.
+    """
     usage, bad = {}, {}
     for metric, value in fields.items():
-        try:
-            number = int(value)
-        except ValueError:
-            number = -1
-        if number < 0:
+        number = int(value) if _COUNTER.fullmatch(value) else -1
+        if not 0 <= number <= _COUNTER_MAX:
             bad[metric] = value
         elif number:
             usage[metric] = number
