@@ -282,7 +282,7 @@ class Storage:
     # ---- outcomes of report calls -----------------------------------------
 
     @_storage_errors
-    def acknowledge(self, reports: Sequence[Report], had_failures: bool = False) -> None:
+    def acknowledge(self, reports: Sequence[Report]) -> None:
         """The backend took these: their usage leaves Redis now.
 
         Usage left here after the backend's 2xx is reported again by a later
@@ -297,8 +297,8 @@ class Storage:
                 try:
                     pipe = self.redis.pipeline(transaction=False)
                     pipe.delete(*(r.to_flush_key for r in chunk))
-                    if had_failures:
-                        pipe.hdel(FAILURES_HASH, *(r.report_key for r in chunk))
+                    # A delivery ends a run of refusals: only refusals in a row lead to the dead letter.
+                    pipe.hdel(FAILURES_HASH, *(r.report_key for r in chunk))
                     pipe.execute()
                     break
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
