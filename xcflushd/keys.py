@@ -42,7 +42,14 @@ def _split_fields(text: str) -> List[Tuple[str, str]]:
     return pairs
 
 
+# A secret credential (``app_key:<value>``) anywhere in raw text; values may hold escapes.
+_SECRET_FIELD = re.compile(r"((?:access_token|app_key|user_key):)((?:\\.|[^,\\])*)")
+
+
 def _clip(text: str, size: int = 40) -> str:
+    """Raw text for an error message: secrets cut as in ``Credentials.redacted``, then clipped."""
+    text = _SECRET_FIELD.sub(lambda m: m.group(1) + (m.group(2)[:4] + "..." if len(m.group(2)) > 4 else m.group(2)),
+                             text)
     return text if len(text) <= size else text[:size] + "..."
 
 
