@@ -22,6 +22,16 @@ ENV_PREFIX = "XCFLUSHD_"
 # Secrets that would show in `ps` when given as flags.
 _SECRET_FLAGS = re.compile(r"^(-k.*|--provider-key(=.*)?|--service-token(=.*)?)$")
 _URL_PASSWORD = re.compile(r"^(rediss?|unix)://[^/@]*:[^/@]*@")
+# Control characters (and Unicode line breaks) a log record may quote from Redis data.
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7f, 0xa0)]} | {
+    0x0a: "\\n", 0x0d: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+class _OneLineFormatter(logging.Formatter):
+    """A record is one line: a newline in a key or message from Redis cannot forge another."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return super().formatMessage(record).translate(_CONTROL)
 
 
 class _Parser(configargparse.ArgumentParser):
@@ -100,7 +110,7 @@ def setup_logging(level: str) -> None:
     fmt = "%(levelname)s %(name)s: %(message)s"
     if "JOURNAL_STREAM" not in os.environ:  # the journal stamps lines itself
         fmt = "%(asctime)s " + fmt
-    handler.setFormatter(logging.Formatter(fmt))
+    handler.setFormatter(_OneLineFormatter(fmt))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
