@@ -186,7 +186,8 @@ class BackendClient:
             params.extend(transaction_params(i, creds, usage))
         body = urllib.parse.urlencode(params, errors="surrogateescape").encode()
         return self.transport.build("POST", "/transactions.xml", body=body,
-                                    headers={"Content-Type": "application/x-www-form-urlencoded"})
+                                    headers={"Content-Type": "application/x-www-form-urlencoded"},
+                                    weight=len(transactions))
 
     @staticmethod
     def _report_outcome(resp: Response) -> None:
@@ -213,11 +214,16 @@ class BackendClient:
         return self._many(items, concurrency, self._authorize_request, parse_status)
 
     def report_many(self, items: Iterable[Tuple[Any, str, Sequence[Tuple[Credentials, Dict[str, int]]]]],
-                    concurrency: int) -> Iterator[Tuple[Any, Optional[BackendError]]]:
-        """``(tag, service_id, transactions)`` in; ``(tag, None or error)`` out, as they finish."""
-        return self._many(items, concurrency, self._report_request, self._report_outcome)
+                    concurrency: int, max_transactions: Optional[int] = None
+                    ) -> Iterator[Tuple[Any, Optional[BackendError]]]:
+        """``(tag, service_id, transactions)`` in; ``(tag, None or error)`` out, as they finish.
 
-    def _many(self, items, concurrency, build, outcome):
+        ``max_transactions`` bounds the transactions in flight (each call's
+        weight is its number of transactions).
+        """
+        return self._many(items, concurrency, self._report_request, self._report_outcome, max_transactions)
+
+    def _many(self, items, concurrency, build, outcome, max_weight=None):
         unbuildable: List[Tuple[Any, BackendError]] = []
 
         def requests():
@@ -227,7 +233,7 @@ class BackendClient:
                 except BackendRejected as exc:  # no credentials for that service
                     unbuildable.append((tag, exc))
 
-        for tag, resp in self.transport.request_many(requests(), concurrency):
+        for tag, resp in self.transport.request_many(requests(), concurrency, max_weight):
             while unbuildable:
                 yield unbuildable.pop()
             if isinstance(resp, BackendError):

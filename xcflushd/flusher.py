@@ -47,6 +47,9 @@ class FlushSettings(NamedTuple):
     lease_ttl: int = defaults.LEASE_TTL
     dead_letter_after: int = defaults.DEAD_LETTER_AFTER
     concurrency: int = defaults.THREADS     # backend calls in flight at once
+    # Reports held by report calls in flight: bounds memory when batches are
+    # large (32 batches of 1000 would hold 32 000 reports at once).
+    transactions_in_flight: int = 2 * defaults.REPORT_BATCH_SIZE
 
 
 class FlushResult:
@@ -150,7 +153,7 @@ class Flusher:
         for call, error in self.backend.report_many(
                 ((call, call[0].service_id, [(r.credentials, r.usage) for r in call])
                  for call in self._unless_stopping(calls, result)),
-                self.settings.concurrency):
+                self.settings.concurrency, self.settings.transactions_in_flight):
             self.last_progress = time.monotonic()
             result.add(report_calls=1)
             if error is None:

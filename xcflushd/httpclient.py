@@ -45,6 +45,7 @@ class Request(NamedTuple):
     method: str
     path: str              # for error messages: never the query
     data: bytes            # the whole request, ready to send
+    weight: int = 1        # what it holds (e.g. transactions), for request_many's max_weight
 
 
 class ProtocolError(Exception):
@@ -214,7 +215,7 @@ class Transport:
     # ---- building -----------------------------------------------------------
 
     def build(self, method: str, path: str, query: str = "", body: Optional[bytes] = None,
-              headers: Optional[Dict[str, str]] = None) -> Request:
+              headers: Optional[Dict[str, str]] = None, weight: int = 1) -> Request:
         target = self.path_prefix + path + ("?" + query if query else "")
         if self.proxy is not None and not self.https:
             target = f"http://{self.host_header}{target}"
@@ -223,7 +224,7 @@ class Transport:
             head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         if body is not None:
             head += f"Content-Length: {len(body)}\r\n"
-        return Request(method, path, (head + "\r\n").encode("latin-1") + (body or b""))
+        return Request(method, path, (head + "\r\n").encode("latin-1") + (body or b""), weight)
 
     # ---- connections ----------------------------------------------------------
 
@@ -320,12 +321,14 @@ class Transport:
 
     # ---- many calls, multiplexed ------------------------------------------------
 
-    def request_many(self, requests: Iterable[Tuple[Any, Request]],
-                     concurrency: int) -> Iterator[Tuple[Any, Union[Response, BackendUnavailable]]]:
+    def request_many(self, requests: Iterable[Tuple[Any, Request]], concurrency: int,
+                     max_weight: Optional[int] = None) -> Iterator[Tuple[Any, Union[Response, BackendUnavailable]]]:
         """Run calls concurrently from this thread; yield ``(tag, response or error)`` as they finish.
 
-        At most ``concurrency`` calls are in flight; ``requests`` is consumed
-        lazily, so it may read its input as it goes.
+        At most ``concurrency`` calls are in flight, and, when ``max_weight``
+        is given, no new one starts while their weights add up to it (the
+        caller holds what each call carries until it finishes). ``requests``
+        is consumed lazily, so it may read its input as it goes.
         """
         selector = selectors.DefaultSelector()
         in_flight: Dict[socket.socket, _Call] = {}
@@ -333,7 +336,8 @@ class Transport:
         exhausted = False
         try:
             while True:
-                while not exhausted and len(in_flight) < concurrency:
+                while not exhausted and len(in_flight) < concurrency and (
+                        max_weight is None or sum(c.request.weight for c in in_flight.values()) < max_weight):
                     item = next(source, None)
                     if item is None:
                         exhausted = True
@@ -367,10 +371,11 @@ class Transport:
                 self._abandon(sock, in_flight, selector)
             selector.close()
 
-    def _start(self, call: "_Call", selector, in_flight) -> Optional[Tuple[Any, BackendUnavailable]]:
+    def _start(self, call: "_Call", selector, in_flight,
+               fresh: bool = False) -> Optional[Tuple[Any, BackendUnavailable]]:
         while True:
             with self._lock:
-                sock = self._idle.pop() if self._idle else None
+                sock = self._idle.pop() if self._idle and not fresh else None
             call.reused = sock is not None
             try:
                 if sock is None:
@@ -410,7 +415,7 @@ class Transport:
             self._abandon(sock, in_flight, selector)
             if call.reused and call.parser.received == 0 and call.attempt == 1:
                 call.attempt = 2  # idle keep-alive closed by the server: once more, on a fresh one
-                return self._start(call, selector, in_flight)
+                return self._start(call, selector, in_flight, fresh=True)  # idle ones may be stale too
             return call.tag, BackendUnavailable(f"{call.request.path}: {_describe(exc)}")
         except (OSError, ProtocolError, ValueError) as exc:
             self._abandon(sock, in_flight, selector)
