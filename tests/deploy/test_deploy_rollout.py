@@ -1,0 +1,167 @@
+"""End to end: ansible/site.yml rolls the signed release out to three real systemd nodes.
+
+The tests run in order on one fleet (module scope), each starting from the state the one
+before left, as an operator's runs would:
+
+1. first rollout of release 1: every node runs xcflushd, active and READY, flushing;
+2. the same run again changes nothing;
+3. a config change restarts the nodes one batch (one node) at a time;
+4. release 2 with a tampered (or unlisted) artifact: the play stops before any node;
+5. release 2 while gw2 cannot restart: gw1 runs release 2, gw2 failed, gw3 untouched
+   (still release 1, same process), and the run fails.
+"""
+
+import dataclasses
+import shutil
+import time
+
+import pytest
+
+pytestmark = pytest.mark.lab
+
+UNIT = "xcflushd"
+PROPS = ("ActiveState", "SubState", "Type", "MainPID", "NRestarts", "StatusText", "Result",
+         "ActiveEnterTimestampMonotonic", "ActiveExitTimestampMonotonic")
+
+
+def service(node) -> dict:
+    return node.show(UNIT, *PROPS)
+
+
+def version(node) -> str:
+    return node.run(["/opt/xcflushd/bin/xcflushd", "--version"]).stdout.split()[-1]
+
+
+def ssh_logins(node) -> int:
+    """How many SSH logins the node's sshd has accepted since boot."""
+    return node.journal("ssh.service", "-b").count("Accepted publickey")
+
+
+def wait_until(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.5)
+
+
+def ok(result) -> str:
+    """Assertion message: the run's time, recap and the end of its output."""
+    return f"rc={result.returncode} in {result.seconds:.1f}s, log {result.log}\n{result.output[-6000:]}"
+
+
+def test_first_rollout_every_node_active_and_ready(fleet, releases):
+    result = fleet.play(release=releases[0])
+    assert result.returncode == 0, ok(result)
+    assert set(result.recap) == {"localhost", *fleet.hosts}, ok(result)
+    assert all(r["failed"] == 0 and r["unreachable"] == 0 for r in result.recap.values()), ok(result)
+    assert "pk-demo" not in result.output  # the provider key never reaches the output
+    assert fleet.staging_left() == []  # the controller's staging copy was removed
+
+    for node in fleet.nodes:
+        state = service(node)
+        # Type=notify: "active" means the daemon sent READY=1 (Redis answered, channel subscribed).
+        assert (state["Type"], state["ActiveState"], state["SubState"]) == ("notify", "active", "running"), state
+        assert state["NRestarts"] == "0", state
+        assert version(node) == releases[0].version
+        assert node.systemctl("is-enabled", UNIT).stdout.strip() == "enabled"
+        conf = node.run(["cat", "/etc/xcflushd/xcflushd.conf"]).stdout
+        assert f"backend = {fleet.sim_url}\n" in conf and "frequency = 5\n" in conf, conf
+        assert "pk-demo" not in conf
+        cred = node.run(["stat", "-c", "%U:%G %a", "/etc/credstore/xcflushd.provider_key"]).stdout.split()
+        assert cred == ["root:root", "600"], cred
+        assert node.run(["cat", "/etc/credstore/xcflushd.provider_key"]).stdout == "pk-demo\n"
+        # Redis from the redis role: loopback only, a cache's eviction policy, its own unit.
+        listening = node.run(["ss", "-Hltn", "sport = :6379"]).stdout.split("\n")
+        addresses = {line.split()[3].rsplit(":", 1)[0] for line in listening if line.strip()}
+        assert addresses and addresses <= {"127.0.0.1", "[::1]"}, addresses
+        policy = node.run(["redis-cli", "config", "get", "maxmemory-policy"]).stdout.split()
+        assert policy == ["maxmemory-policy", "volatile-lru"], policy
+        assert node.systemctl("show", "redis-server", "-p", "FragmentPath").stdout.strip() == \
+            "FragmentPath=/etc/systemd/system/redis-server.service"
+    # The nodes talk to the backend (the simulator on the bridge): a flush cycle completes.
+    for node in fleet.nodes:
+        wait_until(lambda n=node: "last flush" in service(n)["StatusText"], 30, f"a flush on {node.name}")
+
+
+def test_second_run_changes_nothing(fleet, releases):
+    # All nodes in one batch: the batch size changes when nodes are done, not what is done.
+    before = [service(n)["MainPID"] for n in fleet.nodes]
+    result = fleet.play("-e", "gateway_batch_size=3", release=releases[0])
+    assert result.returncode == 0, ok(result)
+    assert {h: r["changed"] for h, r in result.recap.items()} == \
+        {h: 0 for h in ["localhost", *fleet.hosts]}, ok(result)
+    assert [service(n)["MainPID"] for n in fleet.nodes] == before  # nothing restarted
+
+
+def test_config_change_restarts_one_batch_at_a_time(fleet, releases):
+    before = [service(n) for n in fleet.nodes]
+    result = fleet.play("-e", "xcflushd_frequency=7", release=releases[0])
+    assert result.returncode == 0, ok(result)
+    after = [service(n) for n in fleet.nodes]
+    for node, old, new in zip(fleet.nodes, before, after):
+        assert "frequency = 7\n" in node.run(["cat", "/etc/xcflushd/xcflushd.conf"]).stdout
+        assert new["MainPID"] != old["MainPID"] and new["ActiveState"] == "active", (old, new)
+        assert new["NRestarts"] == old["NRestarts"]  # restarted by the handler, not by a crash
+    # Each node went down only after the one before was active again (serial: 1).
+    for i in range(len(after) - 1):
+        up_again = int(after[i]["ActiveEnterTimestampMonotonic"])
+        next_down = int(after[i + 1]["ActiveExitTimestampMonotonic"])
+        assert up_again < next_down, (f"gw{i + 2} stopped before gw{i + 1} was back", after)
+
+
+@pytest.mark.parametrize("damage", ["tampered", "unlisted"])
+def test_bad_release_stops_before_any_node(fleet, releases, tmp_path, damage):
+    bad = tmp_path / "release"
+    shutil.copytree(releases[1].dir, bad)
+    if damage == "tampered":  # one byte of the wheel changed after signing
+        wheel = bad / releases[1].wheel.name
+        data = bytearray(wheel.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        wheel.write_bytes(bytes(data))
+    else:  # a wheel slipped into the release directory that SHA256SUMS does not list
+        shutil.copy(releases[1].wheel, bad / "evil-1.0-py3-none-any.whl")
+    before = [(service(n)["MainPID"], ssh_logins(n)) for n in fleet.nodes]
+    result = fleet.play(release=dataclasses.replace(releases[1], dir=bad))
+    assert result.returncode != 0, ok(result)
+    assert "Signature verification FAILED" in result.output, ok(result)
+    assert set(result.recap) == {"localhost"}, ok(result)  # no gateway host was even reached
+    assert result.recap["localhost"]["failed"] == 1
+    assert fleet.staging_left() == []  # the rejected copy was removed too
+    after = [(service(n)["MainPID"], ssh_logins(n)) for n in fleet.nodes]
+    assert after == before  # same processes, and not one SSH login on any node
+    assert all(version(n) == releases[0].version for n in fleet.nodes)
+
+
+@pytest.fixture
+def gw2_cannot_start(fleet):
+    """gw2's unit gets a drop-in that fails every start; the running daemon is not touched."""
+    gw2 = fleet.nodes[1]
+    gw2.write("/etc/systemd/system/xcflushd.service.d/99-broken.conf",
+              "[Service]\nExecStartPre=/bin/false\n")
+    gw2.systemctl("daemon-reload")
+    yield gw2
+    gw2.run(["rm", "-f", "/etc/systemd/system/xcflushd.service.d/99-broken.conf"])
+    gw2.systemctl("daemon-reload")
+
+
+def test_failed_restart_stops_the_rollout(fleet, releases, gw2_cannot_start):
+    gw1, gw2, gw3 = fleet.nodes
+    gw3_before = service(gw3)
+    gw3_logins = ssh_logins(gw3)
+    result = fleet.play(release=releases[1])
+    assert result.returncode != 0, ok(result)
+    assert result.recap["gw1"]["failed"] == 0 and result.recap["gw2"]["failed"] == 1, ok(result)
+    assert "gw3" not in result.recap, ok(result)  # the rollout stopped before gw3's batch
+    # gw1: the new release, up. gw2: the new release installed, its restart failed.
+    assert version(gw1) == releases[1].version and service(gw1)["ActiveState"] == "active"
+    assert version(gw2) == releases[1].version and service(gw2)["ActiveState"] != "active"
+    # gw3: never touched -- the old release, the same process still running.
+    assert version(gw3) == releases[0].version
+    assert ssh_logins(gw3) == gw3_logins
+    now = service(gw3)
+    assert (now["MainPID"], now["ActiveState"]) == (gw3_before["MainPID"], "active"), (gw3_before, now)
+
