@@ -293,9 +293,17 @@ class Transport:
             try:
                 if sock is None:
                     sock = self._local.sock = self._connect()
+                sock.settimeout(self.read_timeout)
                 sock.sendall(req.data)
                 parser = ResponseParser(req.method)
+                # A deadline for the whole answer, as request_many has: a server that
+                # trickles a byte now and then must not hold a priority worker forever.
+                deadline = time.monotonic() + self.read_timeout
                 while True:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise socket.timeout("timed out")
+                    sock.settimeout(left)
                     data = sock.recv(65536)
                     done = parser.feed(data) if data else parser.eof()
                     if done:
