@@ -121,6 +121,27 @@ BAD = [
     (["--provider-key=pk-visible"], "refusing --provider-key"),
     (["--service-token", "1=tok"], "refusing --service-token"),
     (["--redis", "redis://:pw@host:1"], "refusing a Redis password"),
+    # Added by the reliability suite (issue 7): every option, and values that parse but cannot work.
+    (["--auth-ttl", "abc"], "--auth-ttl"),
+    (["--auth-ttl", "99999999999999999999"], "--auth-ttl: expected a number up to"),
+    (["--frequency", "nan"], "--frequency"),
+    (["--threads", "1:x"], "--threads"),
+    (["--threads", "100000000"], "--threads: expected a number up to 1000"),
+    (["--prio-threads", "0"], "--prio-threads"),
+    (["--report-batch-size", "abc"], "--report-batch-size"),
+    (["--report-auth-wait", "nan"], "--report-auth-wait"),
+    (["--report-auth-wait", "inf"], "--report-auth-wait"),
+    (["--backend-read-timeout", "inf"], "--backend-read-timeout"),
+    (["--max-term-wait", "nan"], "--max-term-wait"),
+    (["--backend", "http://"], "--backend: expected scheme://host"),
+    (["--backend", "https://user:pw@x"], "without credentials"),
+    (["--backend", "https://x/?q=1"], "without credentials or query"),
+    (["--backend-proxy", "http://p:notaport"], "--backend-proxy: bad port"),
+    (["--redis", "unix://"], "unix:// needs a socket path"),
+    (["--redis", "host:70000"], "--redis"),
+    (["--redis", "redis://:1"], "--redis: no host"),
+    (["--redis-password-file", "/nonexistent/redis-secret"], "--redis-password-file: cannot read"),
+    (["--service-tokens-file", "/dev/null"], "is empty"),
 ]
 
 

@@ -54,11 +54,19 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=f"***@{host}"))
 
 
-def _positive(name: str, value, integer: bool = True, zero_ok: bool = False):
+#: Largest number any option takes: seconds that fit Redis' EXPIRE and every timer (68 years).
+LARGEST = 2 ** 31 - 1
+#: Largest --threads / --prio-threads: each is a connection, a pool slot, a Redis client.
+MAX_THREADS = 1000
+
+
+def _positive(name: str, value, integer: bool = True, zero_ok: bool = False, maximum: int = LARGEST):
     try:
         number = int(value) if integer else float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"--{name}: expected a {'whole ' if integer else ''}number, got {value!r}") from None
+    if not number <= maximum:  # also nan; inf is above any maximum
+        raise ConfigError(f"--{name}: expected a number up to {maximum}, got {value!r}")
     if number < 0 or (number == 0 and not zero_ok):
         raise ConfigError(f"--{name}: must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
     return number
@@ -69,11 +77,11 @@ def parse_threads(name: str, value) -> int:
     text = str(value)
     if ":" in text:
         low, _, high = text.partition(":")
-        low_n, high_n = _positive(name, low, zero_ok=True), _positive(name, high)
+        low_n, high_n = _positive(name, low, zero_ok=True), _positive(name, high, maximum=MAX_THREADS)
         if low_n > high_n:
             raise ConfigError(f"--{name}: min {low_n} is above max {high_n}")
         return high_n
-    return _positive(name, text)
+    return _positive(name, text, maximum=MAX_THREADS)
 
 
 def parse_redis(value: str) -> str:
@@ -104,9 +112,10 @@ def parse_redis(value: str) -> str:
 def parse_backend(value: str, secure: Optional[bool]) -> str:
     """The backend URL; ``--secure``/``--no-secure`` pick the scheme when none is given
     and refuse one that contradicts them."""
-    text = str(value).strip().rstrip("/")
+    text = str(value).strip()
     if "://" not in text:
         text = ("http://" if secure is False else "https://") + text
+    text = text.rstrip("/")  # after the scheme test: "http://" has no host, it is not host "http"
     parts = urllib.parse.urlsplit(text)
     if parts.scheme not in ("http", "https"):
         raise ConfigError(f"--backend: scheme must be http or https, got {parts.scheme!r}")
