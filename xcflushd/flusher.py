@@ -13,6 +13,7 @@ applications are pending.
 
 import collections
 import logging
+import sys
 import threading
 import time
 from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
@@ -195,7 +196,7 @@ class Flusher:
             cached = self.storage.cached_authorizations(
                 [auth_key(r.service_id, r.credentials) for r in reports]) if batching else []
             for i, report in enumerate(reports):
-                to_authorize[report.report_key] = tuple(report.usage)
+                to_authorize[report.report_key] = tuple(map(sys.intern, report.usage))  # one copy of each name
                 if not batching or not _confirmed(cached[i], report.usage):
                     yield [report]
                     continue

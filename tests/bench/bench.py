@@ -32,6 +32,7 @@ import urllib.request
 import redis
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+from xcflushd import defaults  # noqa: E402
 from xcflushd.keys import Credentials, auth_request_message, report_key  # noqa: E402
 from xcflushd.sim.config import demo_config  # noqa: E402
 from xcflushd.sim.devrun import gateway_credentials  # noqa: E402
@@ -309,8 +310,8 @@ def main():
     p.add_argument("--n", type=int, nargs="+", default=[5000], help="pending applications (several: a plot)")
     p.add_argument("--metrics", type=int, default=3, help="metrics per application (1-4)")
     p.add_argument("--latency-ms", type=float, default=5.0, help="simulated backend latency")
-    p.add_argument("--threads", type=int, default=16)
-    p.add_argument("--prio-threads", type=int, default=8)
+    p.add_argument("--threads", type=int, default=defaults.THREADS, help="the daemon's --threads")
+    p.add_argument("--prio-threads", type=int, default=defaults.PRIO_THREADS, help="the daemon's --prio-threads")
     p.add_argument("--wait", type=float, default=0.0, help="--report-auth-wait for the cycles (excluded anyway)")
     p.add_argument("--runs", type=int, default=3, help="runs per N; medians are reported")
     p.add_argument("--rate", type=float, default=500.0, help="distinct priority requests per second")
