@@ -67,12 +67,10 @@ class FlushResult:
         self.phases: Dict[str, float] = {}
         self.error: Optional[str] = None
         self.finished_at = 0.0
-        self._lock = threading.Lock()
 
     def add(self, **counts):
-        with self._lock:
-            for name, n in counts.items():
-                setattr(self, name, getattr(self, name) + n)
+        for name, n in counts.items():
+            setattr(self, name, getattr(self, name) + n)
 
     @property
     def ok(self) -> bool:
