@@ -9,7 +9,7 @@ anything that is not the API's XML fails that call only, never the daemon.
 
 import logging
 import urllib.parse
-from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 from xml.etree.ElementTree import ParseError
 
 from defusedxml import DefusedXmlException
@@ -214,16 +214,17 @@ class BackendClient:
         return self._many(items, concurrency, self._authorize_request, parse_status)
 
     def report_many(self, items: Iterable[Tuple[Any, str, Sequence[Tuple[Credentials, Dict[str, int]]]]],
-                    concurrency: int, max_transactions: Optional[int] = None
-                    ) -> Iterator[Tuple[Any, Optional[BackendError]]]:
+                    concurrency: int, max_transactions: Optional[int] = None,
+                    on_idle: Optional[Callable[[], None]] = None) -> Iterator[Tuple[Any, Optional[BackendError]]]:
         """``(tag, service_id, transactions)`` in; ``(tag, None or error)`` out, as they finish.
 
         ``max_transactions`` bounds the transactions in flight (each call's
-        weight is its number of transactions).
+        weight is its number of transactions); ``on_idle`` runs whenever no
+        answer is ready and the calls in flight are awaited.
         """
-        return self._many(items, concurrency, self._report_request, self._report_outcome, max_transactions)
+        return self._many(items, concurrency, self._report_request, self._report_outcome, max_transactions, on_idle)
 
-    def _many(self, items, concurrency, build, outcome, max_weight=None):
+    def _many(self, items, concurrency, build, outcome, max_weight=None, on_idle=None):
         unbuildable: List[Tuple[Any, BackendError]] = []
 
         def requests():
@@ -233,7 +234,7 @@ class BackendClient:
                 except BackendRejected as exc:  # no credentials for that service
                     unbuildable.append((tag, exc))
 
-        for tag, resp in self.transport.request_many(requests(), concurrency, max_weight):
+        for tag, resp in self.transport.request_many(requests(), concurrency, max_weight, on_idle):
             while unbuildable:
                 yield unbuildable.pop()
             if isinstance(resp, BackendError):

@@ -135,10 +135,10 @@ class Flusher:
                     result: FlushResult) -> Dict[str, Tuple[str, ...]]:
         """Deliver every owned report; returns report key -> reported metrics."""
         to_authorize: Dict[str, Tuple[str, ...]] = {}
-        calls: Iterable[List[Report]] = self._calls(owned, cycle, result, to_authorize)
+        acks = _Acks(self.storage, result)
+        calls: Iterable[List[Report]] = self._calls(owned, cycle, result, to_authorize, acks)
         while calls:
             retry: List[List[Report]] = []
-            acks = _Acks(self.storage, result)
             try:
                 self._deliver(calls, cycle, result, acks, retry)
             finally:
@@ -152,7 +152,7 @@ class Flusher:
         for call, error in self.backend.report_many(
                 ((call, call[0].service_id, [(r.credentials, r.usage) for r in call])
                  for call in self._unless_stopping(calls, result)),
-                self.settings.concurrency, self.settings.transactions_in_flight):
+                self.settings.concurrency, self.settings.transactions_in_flight, on_idle=acks.flush):
             self.last_progress = time.monotonic()
             result.add(report_calls=1)
             if error is None:
@@ -183,12 +183,13 @@ class Flusher:
             else:
                 yield call
 
-    def _calls(self, owned, cycle, result, to_authorize) -> Iterator[List[Report]]:
+    def _calls(self, owned, cycle, result, to_authorize, acks: "_Acks") -> Iterator[List[Report]]:
         """Read owned reports chunk by chunk and group them into report calls."""
         batching = self.settings.batch_size > 1
         batches: Dict[str, List[Report]] = {}
         params: Dict[str, int] = {}
         for chunk in iter_chunks(owned, defaults.REDIS_CHUNK):
+            acks.flush()  # not held while the next chunk is read
             reports = self.storage.read_reports(chunk, cycle)
             result.add(reports=len(reports))
             cached = self.storage.cached_authorizations(
@@ -263,27 +264,26 @@ class Flusher:
 
 
 class _Acks:
-    """Acknowledged reports, deleted from Redis a few at a time.
+    """Acknowledged reports, deleted from Redis together.
 
-    One DEL per call would cost a Redis round trip per application in a cold
-    cycle; grouping them keeps the at-least-once window (backend took it,
-    Redis still holds it) to a few milliseconds.
+    They are deleted as soon as no other answer is ready to be read (the
+    multiplexer is about to wait: ``flush`` is its ``on_idle``), or when 64
+    pile up. So answers that arrive together cost one Redis round trip, not
+    one each, and usage the backend took leaves Redis before anything else
+    is awaited: the at-least-once window stays the time to handle the answers
+    at hand.
     """
 
     MAX = 64
-    MAX_AGE = 0.01
 
     def __init__(self, storage: Storage, result: FlushResult):
         self.storage = storage
         self.result = result
         self.pending: List[Report] = []
-        self.since = 0.0
 
     def add(self, call: List[Report]) -> None:
-        if not self.pending:
-            self.since = time.monotonic()
         self.pending.extend(call)
-        if len(self.pending) >= self.MAX or time.monotonic() - self.since >= self.MAX_AGE:
+        if len(self.pending) >= self.MAX:
             self.flush()
 
     def flush(self) -> None:

@@ -25,7 +25,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 from . import __version__
 from .defaults import MAX_RESPONSE_BYTES
@@ -330,13 +330,15 @@ class Transport:
     # ---- many calls, multiplexed ------------------------------------------------
 
     def request_many(self, requests: Iterable[Tuple[Any, Request]], concurrency: int,
-                     max_weight: Optional[int] = None) -> Iterator[Tuple[Any, Union[Response, BackendUnavailable]]]:
+                     max_weight: Optional[int] = None, on_idle: Optional[Callable[[], None]] = None
+                     ) -> Iterator[Tuple[Any, Union[Response, BackendUnavailable]]]:
         """Run calls concurrently from this thread; yield ``(tag, response or error)`` as they finish.
 
         At most ``concurrency`` calls are in flight, and, when ``max_weight``
         is given, no new one starts while their weights add up to it (the
         caller holds what each call carries until it finishes). ``requests``
-        is consumed lazily, so it may read its input as it goes.
+        is consumed lazily, so it may read its input as it goes. ``on_idle``
+        runs whenever nothing is ready and the loop is about to wait.
         """
         selector = selectors.DefaultSelector()
         in_flight: Dict[socket.socket, _Call] = {}
@@ -357,7 +359,12 @@ class Transport:
                     return
                 now = time.monotonic()
                 wait = max(0.0, min(call.deadline for call in in_flight.values()) - now)
-                for key, _ in selector.select(wait):
+                events = selector.select(0)
+                if not events:
+                    if on_idle is not None:
+                        on_idle()
+                    events = selector.select(wait)
+                for key, _ in events:
                     outcome = self._receive(key.fileobj, in_flight, selector)
                     if outcome:
                         yield outcome
