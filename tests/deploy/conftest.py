@@ -154,7 +154,7 @@ def releases(deploy_root, throwaway_key, tmp_path_factory) -> List[Release]:
     next_src = base / "next-src"
     next_src.mkdir()
     _project_copy(next_src, f"{xcflushd.__version__}+e2e.next")
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
                            "-w", str(base / "next-wheel"), str(next_src)], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -8,7 +8,9 @@ before left, as an operator's runs would:
 3. a config change restarts the nodes one batch (one node) at a time;
 4. release 2 with a tampered (or unlisted) artifact: the play stops before any node;
 5. release 2 while gw2 cannot restart: gw1 runs release 2, gw2 failed, gw3 untouched
-   (still release 1, same process), and the run fails.
+   (still release 1, same process), and the run fails;
+6. gw2 fixed, the same run again (limited to gw2, to keep the test short): gw2 is installed
+   and restarted again and comes up.
 """
 
 import dataclasses
@@ -165,3 +167,16 @@ def test_failed_restart_stops_the_rollout(fleet, releases, gw2_cannot_start):
     now = service(gw3)
     assert (now["MainPID"], now["ActiveState"]) == (gw3_before["MainPID"], "active"), (gw3_before, now)
 
+
+
+def test_rerun_after_the_fix_resumes_at_the_failed_node(fleet, releases):
+    # gw2_cannot_start has been undone. gw2 recorded no release (its service never came up),
+    # so this run installs and restarts it again although its files did not change.
+    gw2 = fleet.nodes[1]
+    result = fleet.play("--limit", "gw2", release=releases[1])
+    assert result.returncode == 0, ok(result)
+    assert "Install the release into the virtualenv" in result.output
+    assert version(gw2) == releases[1].version
+    assert (service(gw2)["ActiveState"], service(gw2)["SubState"]) == ("active", "running")
+    stamp = gw2.run(["cat", "/opt/xcflushd/.xcflushd-release"]).stdout
+    assert stamp.startswith(releases[1].wheel.name + " sha256:"), stamp
