@@ -230,3 +230,13 @@ def test_service_tokens_authenticate_per_service(sim, r, gateway, redis_server):
     flusher = Flusher(Storage(connect(redis_server.url)), backend, FlushSettings(report_auth_wait=0))
     assert flusher.flush_once().ok
     assert sim.backend.received()["555"]["a1b2c3"] == {"hits": 2}
+
+
+def test_refusals_without_a_reason_are_retried_not_set_aside(sim, r, gateway, flusher_for):
+    gateway.cache_report("555", A1, "hits", 4)
+    sim.backend.set_faults({"rate": 1.0, "kinds": ["empty_4xx"], "endpoints": ["report"]})
+    flusher = flusher_for(sim, dead_letter_after=2)
+    outcomes = [flusher.flush_once() for _ in range(4)]
+    assert [o.dead_lettered for o in outcomes] == [0, 0, 0, 0]
+    assert r.exists("xcflushd:dead_letter") == 0
+    assert r.hgetall(report_key("555", A1)) == {"hits": "4"}

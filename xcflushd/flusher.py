@@ -37,6 +37,12 @@ CREDENTIAL_ERRORS = frozenset({
     "service_token_invalid", "service_id_missing", "provider_key_or_service_token_required",
     "no_credentials",
 })
+#: Refusals of one application's report that retrying cannot fix: the data
+#: itself is refused. After a few cycles such a report goes to the dead letter.
+HOPELESS_ERRORS = frozenset({
+    "not_valid_data", "end_users_no_longer_supported", "bad_request", "usage_value_invalid", "metric_invalid",
+    "transactions_format_invalid", "transactions_is_blank", "transactions_has_nil_transaction",
+})
 _PARAMS_PER_CALL = 3  # provider_key/service_token + service_id, with a margin
 
 
@@ -214,6 +220,13 @@ class Flusher:
         if exc.code in CREDENTIAL_ERRORS or exc.status == 0:
             log.error("report for service %s refused, our credentials: %s (kept for the next cycle)",
                       call[0].service_id, exc)
+            self.storage.restore(call)
+            result.add(failed=len(call))
+            return
+        if exc.code not in HOPELESS_ERRORS:
+            # No error code (an empty 4xx from a proxy, say) or one we do not
+            # know: nothing says retrying cannot work, so it is retried.
+            log.warning("report for service %s refused (%s), kept for the next cycle", call[0].service_id, exc)
             self.storage.restore(call)
             result.add(failed=len(call))
             return
