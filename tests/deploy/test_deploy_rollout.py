@@ -100,12 +100,17 @@ def test_second_run_changes_nothing(fleet, releases):
 
 
 def test_config_change_restarts_one_batch_at_a_time(fleet, releases):
+    # A setting of the config file and a unit drop-in (verified with the unit, then
+    # daemon-reload): one restart per node for both.
     before = [service(n) for n in fleet.nodes]
-    result = fleet.play("-e", "xcflushd_frequency=7", release=releases[0])
+    result = fleet.play("-e", "xcflushd_frequency=7",
+                        "-e", '{"xcflushd_unit_overrides": "[Service]\\nEnvironment=E2E_DROPIN=1\\n"}',
+                        release=releases[0])
     assert result.returncode == 0, ok(result)
     after = [service(n) for n in fleet.nodes]
     for node, old, new in zip(fleet.nodes, before, after):
         assert "frequency = 7\n" in node.run(["cat", "/etc/xcflushd/xcflushd.conf"]).stdout
+        assert "E2E_DROPIN=1" in node.show(UNIT, "Environment")["Environment"]
         assert new["MainPID"] != old["MainPID"] and new["ActiveState"] == "active", (old, new)
         assert new["NRestarts"] == old["NRestarts"]  # restarted by the handler, not by a crash
     # Each node went down only after the one before was active again (serial: 1).
