@@ -23,7 +23,7 @@ from .authorizer import authorizations
 from .backend import BackendClient
 from .errors import BackendError, BackendRejected, MalformedKey
 from .keys import auth_key, denial_reason, iter_chunks, parse_report_key, redact_key
-from .storage import Cycle, Report, Storage
+from .storage import Cycle, HandOver, Report, Storage
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class Flusher:
 
     # ---- report phase --------------------------------------------------------
 
-    def _report_all(self, owned: List[Tuple[str, str]], cycle: Cycle,
+    def _report_all(self, owned: HandOver, cycle: Cycle,
                     result: FlushResult) -> Dict[str, Tuple[str, ...]]:
         """Deliver every owned report; returns report key -> reported metrics."""
         to_authorize: Dict[str, Tuple[str, ...]] = {}
@@ -194,14 +194,16 @@ class Flusher:
         batching = self.settings.batch_size > 1
         batches: Dict[str, List[Report]] = {}
         params: Dict[str, int] = {}
-        for chunk in iter_chunks(owned, defaults.REDIS_CHUNK):
+        metric_sets: Dict[Tuple[str, ...], Tuple[str, ...]] = {}
+        for chunk in iter_chunks(owned.items(), defaults.REDIS_CHUNK):
             acks.flush()  # not held while the next chunk is read
             reports = self.storage.read_reports(chunk, cycle)
             result.add(reports=len(reports))
             cached = self.storage.cached_authorizations(
                 [auth_key(r.service_id, r.credentials) for r in reports]) if batching else []
             for i, report in enumerate(reports):
-                to_authorize[report.report_key] = tuple(map(sys.intern, report.usage))  # one copy of each name
+                metrics = tuple(map(sys.intern, report.usage))
+                to_authorize[report.report_key] = metric_sets.setdefault(metrics, metrics)  # shared copies
                 if not batching or not _confirmed(cached[i], report.usage):
                     yield [report]
                     continue

@@ -20,7 +20,7 @@ import logging
 import os
 import secrets
 import time
-from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import redis
 
@@ -69,6 +69,27 @@ class Cycle(NamedTuple):
     def new(cls) -> "Cycle":
         cycle_id = secrets.token_hex(6)
         return cls(cycle_id, time.strftime("_%Y%m%d%H%M%S", time.gmtime()) + "_" + cycle_id)
+
+
+class HandOver(NamedTuple):
+    """The reports a cycle owns: the members it renamed with its suffix, and adopted leftovers.
+
+    The common case keeps only the report keys (their ``to_flush:`` names are
+    derived), so 50 000 pending applications cost one string each.
+    """
+
+    members: List[str]
+    suffix: str
+    adopted: List[Tuple[str, str]]  # (to_flush key, report key)
+
+    def __len__(self) -> int:
+        return len(self.members) + len(self.adopted)
+
+    def items(self) -> Iterator[Tuple[str, str]]:
+        """``(to_flush key, report key)`` pairs."""
+        for member in self.members:
+            yield to_flush_key(member, self.suffix), member
+        yield from self.adopted
 
 
 def _storage_errors(method):
@@ -132,12 +153,11 @@ class Storage:
     # ---- hand-over ---------------------------------------------------------
 
     @_storage_errors
-    def hand_over(self, cycle: Cycle, recover: bool) -> List[Tuple[str, str]]:
+    def hand_over(self, cycle: Cycle, recover: bool) -> HandOver:
         """Move cached reports out of the gateway's way.
 
-        Returns ``(to_flush key, report key)`` pairs now owned by this cycle:
-        the reports in ``report_keys`` and, when ``recover``, those left behind
-        by dead cycles.
+        Returns the reports now owned by this cycle: those in ``report_keys``
+        and, when ``recover``, those left behind by dead cycles.
         """
         sets = []
         flushing = FLUSHING_PREFIX + cycle.suffix
@@ -159,11 +179,10 @@ class Storage:
                 if member not in seen:
                     seen.add(member)
                     members.append(member)
-        owned = self._rename_members(members, cycle.suffix)
+        renamed = self._rename_members(members, cycle.suffix)
         if sets:
             self.redis.delete(*sets)
-        owned += self._adopt(orphans, cycle.suffix)
-        return owned
+        return HandOver(renamed, cycle.suffix, self._adopt(orphans, cycle.suffix))
 
     def _dead(self, names: Iterable[str], prefix: str) -> List[str]:
         """Those hand-over keys whose cycle holds no lease any more."""
@@ -197,18 +216,18 @@ class Storage:
             log.error("%s is not a set: moved to %s, the gateway starts a new one", REPORT_KEYS_SET, target)
             return []
 
-    def _rename_members(self, members: Sequence[str], suffix: str) -> List[Tuple[str, str]]:
-        owned = []
+    def _rename_members(self, members: Sequence[str], suffix: str) -> List[str]:
+        renamed = []
         for chunk in iter_chunks(members, self.chunk):
             pipe = self.redis.pipeline(transaction=False)
             for member in chunk:
                 pipe.rename(member, to_flush_key(member, suffix))
             for member, result in zip(chunk, pipe.execute(raise_on_error=False)):
                 if result is True:
-                    owned.append((to_flush_key(member, suffix), member))
+                    renamed.append(member)
                 elif "no such key" not in str(result).lower():
                     raise result  # a real Redis error, not a key gone missing
-        return owned
+        return renamed
 
     def _adopt(self, orphans: Sequence[str], suffix: str) -> List[Tuple[str, str]]:
         owned = []

@@ -117,27 +117,51 @@ def _wait(probe, timeout=10.0):
             time.sleep(0.05)
 
 
+# Linux carries a process's peak RSS (ru_maxrss) across fork and exec: a daemon
+# started by this process, which holds N applications' worth of data, would
+# report this process's peak as its own. A small launcher, started before
+# anything is loaded, starts the daemons instead and returns their wait4 usage.
+_LAUNCHER = r"""
+import json, os, subprocess, sys
+for line in sys.stdin:
+    argv, env = json.loads(line)
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    print(json.dumps([os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime,
+                      usage.ru_maxrss, output]), flush=True)
+"""
+_launcher = None
+
+
+def launch(argv, env):
+    """Run a command through the launcher: (exit status, CPU seconds, peak RSS KiB, output)."""
+    global _launcher
+    if _launcher is None:
+        _launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+    _launcher.stdin.write(json.dumps([argv, env]) + "\n")
+    _launcher.stdin.flush()
+    return json.loads(_launcher.stdout.readline())
+
+
 def run_cycle(stack: Stack, threads: int, wait: float):
     """One `xcflushd flush` child: phases from its log, CPU and peak RSS from wait4."""
     before = stack.sim_state()["calls"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("XCFLUSHD_")}
-    proc = subprocess.Popen([sys.executable, "-m", "xcflushd", "flush", *stack.daemon_args(threads),
-                             "--report-auth-wait", str(wait)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=env, text=True)
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    returncode, cpu, maxrss, output = launch(
+        [sys.executable, "-m", "xcflushd", "flush", *stack.daemon_args(threads), "--report-auth-wait", str(wait)], env)
     line = next((ln for ln in output.splitlines() if "flush cycle:" in ln), "")
-    if proc.returncode != 0 or "failed=0" not in line:
-        raise RuntimeError(f"flush failed ({proc.returncode}):\n{output[-2000:]}")
+    if returncode != 0 or "failed=0" not in line:
+        raise RuntimeError(f"flush failed ({returncode}):\n{output[-2000:]}")
     phases = {k: int(v) / 1000 for k, v in PHASES.findall(line)}
     after = stack.sim_state()["calls"]
     return {
         "phases_s": phases,
         "cycle_s": sum(v for k, v in phases.items() if k != "wait"),
         "calls": {k: after.get(k, 0) - before.get(k, 0) for k in after},
-        "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "cpu_s": round(cpu, 3),
+        "peak_rss_mb": round(maxrss / 1024, 1),
         "reports": int(re.search(r"reports=(\d+)", line).group(1)),
     }
 
@@ -323,6 +347,7 @@ def main():
     if shutil.which("redis-server") is None:
         sys.exit("redis-server not installed (make deps)")
     os.makedirs(args.out, exist_ok=True)
+    launch([sys.executable, "-c", "pass"], {})  # start the launcher while this process is small
     workdir = tempfile.mkdtemp(prefix="xcf-bench-")
     report = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]},
               "params": vars(args), "cycles": []}
