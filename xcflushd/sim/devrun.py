@@ -92,7 +92,7 @@ def main() -> int:
           flush=True)
     daemon = subprocess.Popen(
         [sys.executable, "-m", "xcflushd", "run", "--redis", f"127.0.0.1:{port}", "--backend", sim.url,
-         "--provider-key-file", key_file, "--frequency", "10", "--auth-ttl", "60", "--report-auth-wait", "1",
+         "--provider-key-file", key_file, "--frequency", "5", "--auth-ttl", "60", "--report-auth-wait", "1",
          "-c", os.devnull],
         env={k: v for k, v in os.environ.items() if not k.startswith("XCFLUSHD_")},
         start_new_session=True)  # Ctrl-C reaches it once, through us
