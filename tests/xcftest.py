@@ -136,3 +136,15 @@ class DaemonProcess:
             self.proc.kill()
             self.proc.wait(10)
         self.log.close()
+
+
+def wait_until(predicate, timeout: float, what: str = "condition", interval: float = 0.1):
+    """Poll ``predicate`` until it returns something true, and return that; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)

@@ -184,20 +184,9 @@ def deploy_root():
     """The cached bootable root for gateway nodes (built once, ~2 min); skips where impossible."""
     from lab import nspawn
 
-    why = nspawn.unavailable()
-    if why:
-        pytest.skip(f"cannot boot systemd-nspawn nodes here: {why}")
     if not shutil.which("ssh"):
         pytest.skip("no ssh client (Debian package openssh-client; `make deps` installs it)")
-    root = nspawn.ensure_root(NODE_PACKAGES)
-    probe = nspawn.Node(root)
-    try:
-        probe.start(timeout=60)
-    except nspawn.LabError as exc:
-        pytest.skip(f"systemd-nspawn could not boot a node on this machine: {exc}")
-    finally:
-        probe.stop()
-    return root
+    return nspawn.root_or_skip(NODE_PACKAGES)
 
 
 @dataclass

@@ -15,9 +15,9 @@ before left, as an operator's runs would:
 
 import dataclasses
 import shutil
-import time
 
 import pytest
+from xcftest import wait_until
 
 pytestmark = pytest.mark.lab
 
@@ -37,17 +37,6 @@ def version(node) -> str:
 def ssh_logins(node) -> int:
     """How many SSH logins the node's sshd has accepted since boot."""
     return node.journal("ssh.service", "-b").count("Accepted publickey")
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.5)
 
 
 def ok(result) -> str:

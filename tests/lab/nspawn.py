@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 __all__ = [
+    "root_or_skip",
     "BASE_PACKAGES",
     "CACHE_DIR",
     "LabError",
@@ -508,3 +509,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def root_or_skip(packages: Iterable[str] = ()) -> Path:
+    """For test fixtures: a cached root holding ``packages`` that boots here,
+    or ``pytest.skip`` saying why this machine cannot."""
+    import pytest
+
+    why = unavailable()
+    if why:
+        pytest.skip(f"cannot boot a systemd-nspawn node here: {why}")
+    root = ensure_root(packages)
+    probe = Node(root)
+    try:
+        probe.start(timeout=60)
+    except LabError as exc:
+        pytest.skip(f"systemd-nspawn could not boot a node on this machine: {exc}")
+    finally:
+        probe.stop()
+    return root

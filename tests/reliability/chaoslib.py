@@ -26,7 +26,7 @@ from typing import Counter, Dict, Iterable, List, Optional, Tuple
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from xcftest import DEMO_CONFIG
+from xcftest import DEMO_CONFIG, wait_until  # noqa: F401 (re-exported to the tests here)
 
 from xcflushd.defaults import DEAD_LETTER_HASH, QUARANTINE_PREFIX, TO_FLUSH_PREFIX
 from xcflushd.errors import MalformedKey
@@ -305,14 +305,3 @@ def kill_daemon_connections(client: redis.Redis) -> int:
         except redis.ResponseError:
             pass  # gone already
     return killed
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)

@@ -53,18 +53,7 @@ def lab_root():
     """
     from lab import nspawn
 
-    why = nspawn.unavailable()
-    if why:
-        pytest.skip(f"cannot boot a systemd-nspawn node here: {why}")
-    root = nspawn.ensure_root(NODE_PACKAGES)
-    probe = nspawn.Node(root)
-    try:
-        probe.start(timeout=60)
-    except nspawn.LabError as exc:
-        pytest.skip(f"systemd-nspawn could not boot a node on this machine: {exc}")
-    finally:
-        probe.stop()
-    return root
+    return nspawn.root_or_skip(NODE_PACKAGES)
 
 
 def free_port() -> int:

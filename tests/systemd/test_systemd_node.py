@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from lab import nspawn
 from lab.wheels import VENV_INSTALL, build_wheels
+from xcftest import wait_until
 
 pytestmark = pytest.mark.lab
 
@@ -39,17 +40,6 @@ DROP_IN = f"""\
 WatchdogSec={WATCHDOG_SEC}s
 RestartSec=1s
 """
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 @pytest.fixture(scope="module")
