@@ -43,6 +43,10 @@ class _Socket(sdnotify.SystemdNotifier):
         except OSError:
             self.socket.close()
             raise
+        # A listener that stopped reading (its queue holds a few datagrams)
+        # must not block the daemon, least of all its graceful stop: a full
+        # queue fails the send instead, and the notification is dropped.
+        self.socket.setblocking(False)
 
     def close(self) -> None:
         self.socket.close()

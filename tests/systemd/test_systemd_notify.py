@@ -121,3 +121,21 @@ def test_extend_timeout_rejects_nonsense_quietly(notify_socket):
     n.extend_timeout(-3)
     got = [fields for _, fields in notify_socket.poll(0.2)]
     assert got == [{"EXTEND_TIMEOUT_USEC": "0"}]
+
+
+def test_a_listener_that_stops_reading_never_blocks_the_daemon(tmp_path):
+    """A full datagram queue drops notifications instead of blocking the caller (e.g. a graceful stop)."""
+    import threading
+
+    path = str(tmp_path / "deaf.sock")
+    deaf = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    deaf.bind(path)  # bound, never read
+    n = Notifier({"NOTIFY_SOCKET": path})
+    sender = threading.Thread(target=lambda: [n.status(f"status {i}") for i in range(500)], daemon=True)
+    try:
+        sender.start()
+        sender.join(30)
+        assert not sender.is_alive(), "a notification blocked on a full queue"
+        assert deaf.recv(100) == b"STATUS=status 0"  # the first ones went through
+    finally:
+        deaf.close()
