@@ -1,6 +1,7 @@
 """The priority path end to end through real pub/sub: the gateway asks, the
 renewer asks the backend once, caches the whole auth hash and answers."""
 
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -122,3 +123,13 @@ def test_backend_failure_sends_no_answer(sim, r, renewer_for):
     sim.backend.set_faults({"rate": 1.0, "kinds": ["500"], "endpoints": ["authorize"]})
     assert Gateway(r, priority_timeout=1.0).priority_authorization("555", A1, "hits") is None
     assert r.exists(auth_key("555", A1)) == 0
+
+
+def test_a_flood_of_failing_requests_logs_a_few_lines_not_one_each(sim, r, renewer_for, caplog):
+    renewer_for(sim.url)
+    gateway = Gateway(r, priority_timeout=0.3)
+    with caplog.at_level(logging.WARNING, logger="xcflushd.renewer"):
+        for i in range(30):  # a service the backend does not know: no answer, a warning
+            assert gateway.priority_authorization("9999", Credentials({"app_id": f"x{i}"}), "hits") is None
+    failed = [rec for rec in caplog.records if "priority authorize" in rec.getMessage()]
+    assert 1 <= len(failed) <= 10

@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 class RateLimitedLog:
     """At most ``burst`` lines per ``window`` seconds; then one line saying how many were held back."""
 
-    def __init__(self, logger: logging.Logger, burst: int = 10, window: float = 10.0):
-        self.logger, self.burst, self.window = logger, burst, window
+    def __init__(self, logger: logging.Logger, what: str, burst: int = 10, window: float = 10.0):
+        self.logger, self.what, self.burst, self.window = logger, what, burst, window
         self.started, self.count, self.suppressed = 0.0, 0, 0
         self.lock = threading.Lock()
 
@@ -40,7 +40,7 @@ class RateLimitedLog:
             now = time.monotonic()
             if now - self.started >= self.window:
                 if self.suppressed:
-                    self.logger.warning("%d more malformed auth requests were not logged", self.suppressed)
+                    self.logger.warning("%d more %s were not logged", self.suppressed, self.what)
                 self.started, self.count, self.suppressed = now, 0, 0
             self.count += 1
             if self.count > self.burst:
@@ -64,7 +64,8 @@ class PriorityRenewer:
         self.answered = 0
         self._in_flight: Dict[Tuple, List[AuthRequest]] = {}
         self._lock = threading.Lock()
-        self._bad = RateLimitedLog(log)
+        self._bad = RateLimitedLog(log, "malformed auth requests")
+        self._failed = RateLimitedLog(log, "failed priority authorizations")  # e.g. a flood for an unknown service
         self._thread: Optional[threading.Thread] = None
 
     def start(self) -> "PriorityRenewer":
@@ -154,8 +155,8 @@ class PriorityRenewer:
             status = self.backend.authorize(service_id, creds)
             values = authorizations(status, [metric])
         except BackendError as exc:
-            log.warning("priority authorize for service %s %s failed, gateway not answered: %s",
-                        service_id, creds.redacted(), exc)
+            self._failed.warning("priority authorize for service %s %s failed, gateway not answered: %s",
+                                 service_id, creds.redacted(), exc)
         except Exception as exc:
             log.error("priority authorize error (%s: %s)", type(exc).__name__, str(exc)[:120])
         # Answer everyone who asked while the call was in flight; later askers start a new call.
