@@ -157,7 +157,7 @@ def _warn_user_id_once():
 class BackendClient:
     """The calls xcflushd makes. Thread-safe; share one per process.
 
-    ``authorize``/``report`` block the calling thread (the priority path);
+    ``authorize`` blocks the calling thread (the priority path);
     ``authorize_many``/``report_many`` run a flush cycle's calls multiplexed
     from the calling thread and yield outcomes as they finish.
     """
@@ -201,10 +201,6 @@ class BackendClient:
 
     def authorize(self, service_id: str, creds: Credentials) -> AuthStatus:
         return parse_status(self.transport.request(self._authorize_request(service_id, creds)))
-
-    def report(self, service_id: str, transactions: Sequence[Tuple[Credentials, Dict[str, int]]]) -> None:
-        """Report one service's transactions in one call. Returns on 2xx, raises otherwise."""
-        self._report_outcome(self.transport.request(self._report_request(service_id, transactions)))
 
     # ---- many calls -------------------------------------------------------------
 

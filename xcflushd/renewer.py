@@ -61,7 +61,6 @@ class PriorityRenewer:
         self.wedge = wedge                    # test hook: the listener hangs after subscribing
         self.subscribed = threading.Event()   # set while the requests channel is subscribed
         self.last_beat = time.monotonic()     # the listener loop's heartbeat, for the watchdog
-        self.answered = 0
         self._in_flight: Dict[Tuple, List[AuthRequest]] = {}
         self._lock = threading.Lock()
         self._bad = RateLimitedLog(log, "malformed auth requests")
@@ -170,7 +169,6 @@ class PriorityRenewer:
             try:
                 # One round trip: cache, then answer (the gateway reads the cache next).
                 self.storage.cache_and_answer(auths, answers, self.auth_ttl)
-                self.answered += len(answers)
                 return
             except StorageUnavailable as exc:
                 if delay is None:

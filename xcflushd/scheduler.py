@@ -28,7 +28,6 @@ class Scheduler:
         self.wedge = wedge  # test hook: the loop hangs after its first cycle
         self.last_tick = clock()
         self.next_run: Optional[float] = None  # wall-clock time of the next cycle
-        self.busy = False
         self._thread: Optional[threading.Thread] = None
 
     def start(self) -> "Scheduler":
@@ -55,14 +54,11 @@ class Scheduler:
                 recover = last_recovery is None or now - last_recovery >= self.recovery_interval
                 if recover:
                     last_recovery = now
-                self.busy = True
                 try:
                     result = self.job(recover)
                     self.on_result(result)
                 except Exception as exc:  # flush_once does not raise; belt and braces
                     log.error("flush cycle crashed: %s: %s", type(exc).__name__, exc)
-                finally:
-                    self.busy = False
                 if self.wedge:
                     threading.Event().wait()
                 deadline += self.frequency

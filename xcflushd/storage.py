@@ -134,10 +134,6 @@ class Storage:
         self.redis = client
         self.chunk = chunk
 
-    @_storage_errors
-    def ping(self) -> None:
-        self.redis.ping()
-
     # ---- leases ------------------------------------------------------------
 
     @_storage_errors
@@ -358,10 +354,7 @@ class Storage:
         """HSET + EXPIRE per auth hash, many hashes per round trip."""
         for chunk in iter_chunks(items, self.chunk):
             pipe = self.redis.pipeline(transaction=False)
-            for key, values in chunk:
-                if values:
-                    pipe.hset(key, mapping=values)
-                    pipe.expire(key, ttl)
+            _queue_authorizations(pipe, chunk, ttl)
             pipe.execute()
 
     @_storage_errors
@@ -369,10 +362,15 @@ class Storage:
                          ttl: int) -> None:
         """Write auth hashes and publish priority answers, in this order, in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
-        for key, values in auths.items():
-            pipe.hset(key, mapping=values)
-            pipe.expire(key, ttl)
+        _queue_authorizations(pipe, auths.items(), ttl)
         for channel, message in answers:
             pipe.publish(channel, message)
         pipe.execute()
 
+
+def _queue_authorizations(pipe, items: Iterable[Tuple[str, Dict[str, str]]], ttl: int) -> None:
+    """HSET + EXPIRE per auth hash: the TTL covers the whole hash, all metrics together."""
+    for key, values in items:
+        if values:
+            pipe.hset(key, mapping=values)
+            pipe.expire(key, ttl)

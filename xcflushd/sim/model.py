@@ -413,18 +413,22 @@ class Backend:
                     raise errors.access_token_invalid(token)
             else:
                 raise errors.application_not_found(None)
+        return service.apps[Backend._app_id(service, app_id, user_key)]
+
+    @staticmethod
+    def _app_id(service: Service, app_id: Optional[str], user_key: Optional[str]) -> str:
+        """The application an app_id or a user_key names (apisonator ``Application.extract_id!``)."""
         if app_id is not None:
             if user_key is not None:
                 raise errors.authentication_error()
-            app = service.apps.get(app_id)
-            if app is None:
+            if app_id not in service.apps:
                 raise errors.application_not_found(app_id)
-            return app
+            return app_id
         if user_key is not None:
             found = service.app_by_user_key.get(user_key)
             if found is None:
                 raise errors.user_key_invalid(user_key)
-            return service.apps[found]
+            return found
         raise errors.application_not_found(None)
 
     def _validate(self, service: Service, app: App, params: Dict[str, Any], oauth: bool,
@@ -603,18 +607,7 @@ class Backend:
         user_key = tx.get("user_key") if isinstance(tx, dict) else None
         app_id = app_id if isinstance(app_id, str) else None
         user_key = user_key if isinstance(user_key, str) else None
-        if app_id is not None:
-            if user_key is not None:
-                raise errors.authentication_error()
-            if app_id not in service.apps:
-                raise errors.application_not_found(app_id)
-            return app_id
-        if user_key is not None:
-            found = service.app_by_user_key.get(user_key)
-            if found is None:
-                raise errors.user_key_invalid(user_key)
-            return found
-        raise errors.application_not_found(None)
+        return Backend._app_id(service, app_id, user_key)
 
     def _bump(self, service_id: str, app_id: str, processed: Dict[str, Any], ts: float,
               now_bounds) -> None:
