@@ -1,6 +1,7 @@
 """Command line: the only module that parses arguments or exits.
 
-``xcflushd run`` runs the daemon; ``xcflushd flush`` runs one flush cycle.
+``xcflushd run`` runs the daemon; ``xcflushd flush`` runs one flush cycle;
+``xcflushd status`` reports on the daemons and the backlog in Redis.
 Every option can also come from the config file (``key = value``, keys are the
 long option names) and from ``XCFLUSHD_<NAME>`` environment variables;
 flags win over the environment, the environment over the file.
@@ -53,7 +54,9 @@ def build_parser(config_files: Optional[List[str]] = None) -> configargparse.Arg
         args_for_setting_config_path=["-c", "--config"],
         config_arg_help_message=f"config file (default {defaults.CONFIG_FILE} when it exists)",
     )
-    p.add_argument("command", choices=("run", "flush"), help="run: the daemon; flush: one flush cycle, then exit")
+    p.add_argument("command", choices=("run", "flush", "status"),
+                   help="run: the daemon; flush: one flush cycle, then exit; status: daemons and backlog "
+                        "(exit 0 healthy, 1 degraded, 2 Redis unreachable)")
     p.add_argument("--version", action="version", version=f"xcflushd {__version__}")
     p.add_argument("-r", "--redis", default=f"localhost:{defaults.REDIS_PORT}",
                    help="host[:port], redis://[user:pass@]host:port/db, rediss://... (TLS) or unix:///path")
@@ -82,6 +85,8 @@ def build_parser(config_files: Optional[List[str]] = None) -> configargparse.Arg
     p.add_argument("--max-term-wait", default=defaults.MAX_TERM_WAIT,
                    help="seconds a graceful stop may take before in-flight usage is left in Redis")
     p.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    p.add_argument("--json", action="store_true",
+                   help="status: print the status document as JSON")
     return p
 
 
@@ -128,6 +133,8 @@ def main(argv: Optional[List[str]] = None, environ=None) -> int:
         print(f"xcflushd: error: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level)
+    if settings.command == "status":
+        return _status(settings, options.json)
     from .daemon import Daemon  # after validation: a bad flag costs no imports
 
     daemon = Daemon(settings, environ)
@@ -136,6 +143,22 @@ def main(argv: Optional[List[str]] = None, environ=None) -> int:
     except ConfigError as exc:
         print(f"xcflushd: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _status(settings, as_json: bool) -> int:
+    import json
+
+    from . import status
+    from .storage import connect
+
+    client = connect(settings.redis_url, settings.redis_password, pool_size=2, timeout=5.0)
+    try:
+        document = status.collect(client)
+    finally:
+        client.close()
+    print(json.dumps(document, indent=2, sort_keys=True) if as_json else
+          status.render(document, settings.redis_display))
+    return status.exit_code(document)
 
 
 if __name__ == "__main__":

@@ -216,7 +216,7 @@ def build_settings(options, environ: Mapping[str, str] = os.environ) -> Settings
     if level not in LOG_LEVELS:
         raise ConfigError(f"--log-level: expected one of {', '.join(LOG_LEVELS)}, got {options.log_level!r}")
     provider_key, tokens, password = _secrets(options, environ)
-    if not provider_key and not tokens:
+    if not provider_key and not tokens and options.command != "status":
         raise ConfigError("no backend credentials: give --provider-key-file (or XCFLUSHD_PROVIDER_KEY, "
                           "provider-key in the config file) or service tokens")
     return Settings(

@@ -18,10 +18,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping, Optional
 
-from . import __version__, defaults
+from . import __version__, defaults, metrics
 from .backend import ServiceCredentials, make_client
 from .config import Settings
 from .flusher import Flusher, FlushResult, FlushSettings
+from .heartbeat import Heartbeat, cycle_result
 from .notify import Notifier
 from .renewer import PriorityRenewer
 from .scheduler import Scheduler
@@ -52,6 +53,7 @@ class Daemon:
         self.flusher = Flusher(self.storage, self.backend, FlushSettings(
             auth_ttl=s.auth_ttl, report_auth_wait=s.report_auth_wait, batch_size=s.report_batch_size,
             concurrency=s.threads), self.stop)
+        self.heartbeat = Heartbeat(self.redis, s.frequency, self.stop)
 
     # ---- one cycle -------------------------------------------------------------
 
@@ -86,7 +88,9 @@ class Daemon:
                                    on_result=self._on_result, wedge=self.wedge == "scheduler")
         if self._wait_for_redis():
             self.notifier.ready(f"ready; first flush now, then every {s.frequency}s")
-            log.info("ready: priority auth channel subscribed, flushing every %ss", s.frequency)
+            log.info("ready: priority auth channel subscribed, flushing every %ss; heartbeat %s",
+                     s.frequency, self.heartbeat.key)
+            self.heartbeat.start()
             self.scheduler.start()
             self._supervise()
         return self._shutdown()
@@ -124,6 +128,8 @@ class Daemon:
     def _on_result(self, result: FlushResult) -> None:
         self.last_result = result
         self._log_result(result)
+        self.heartbeat.cycle_ended(result)
+        metrics.flush_cycle(cycle_result(result), result.phases, result.hits, result.finished_at)
         self.notifier.status(self._status())
 
     def _status(self) -> str:
@@ -172,6 +178,7 @@ class Daemon:
             self.notifier.extend_timeout(min(left, 5.0) + 1.0)
         self.renewer.join(timeout=2.0)
         self.prio_pool.shutdown(wait=False, cancel_futures=True)
+        self.heartbeat.clear()
         self._close()
         log.info("stopped")
         return 0
