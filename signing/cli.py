@@ -19,6 +19,7 @@ from signing import (
     keys,
     mirror,
     oci,
+    repro,
     sums,
 )
 from signing.gpghome import open_gpg, private_home, user_home
@@ -89,6 +90,10 @@ def build_parser():
     sums_p = sub.add_parser("sums", help="write SHA256SUMS for the artifacts")
     sums_p.add_argument("--out", required=True, help="the sums file to write")
     sums_p.add_argument("artifacts", nargs="+", help="files to list (one directory)")
+
+    norm = sub.add_parser("normalize", help="rewrite .tar.gz archives reproducibly, in place")
+    norm.add_argument("--epoch", required=True, type=int, help="SOURCE_DATE_EPOCH: every mtime")
+    norm.add_argument("archives", nargs="+", help=".tar.gz files (the sdist)")
 
     fpr = sub.add_parser("fingerprints", help="print the fingerprints of the pinned key")
     fpr.add_argument("--key-id", help="pinned full fingerprint (default: the repo's)")
@@ -241,6 +246,12 @@ def cmd_sums(args):
     return 0
 
 
+def cmd_normalize(args):
+    for path in args.archives:
+        repro.normalize_tar_gz(path, args.epoch)
+    return 0
+
+
 def cmd_fingerprints(args):
     pinned = _key_id(args)
     with private_home() as home:
@@ -253,7 +264,7 @@ def main(argv=None):
     """Run the command line; exit with its status."""
     args = build_parser().parse_args(argv)
     handler = {"sign": cmd_sign, "verify": cmd_verify, "image": cmd_image,
-               "sums": cmd_sums, "fingerprints": cmd_fingerprints}[args.command]
+               "sums": cmd_sums, "normalize": cmd_normalize, "fingerprints": cmd_fingerprints}[args.command]
     try:
         status = handler(args)
     except errors.SigningError as exc:

@@ -91,12 +91,20 @@ dist: release-tools
 	@git diff --quiet HEAD 2>/dev/null && test -z "$$(git ls-files --others --exclude-standard)" || \
 	  echo "warning: the work tree has changes; build releases from a clean checkout of the tag" >&2
 	rm -f $(SDIST) $(WHEEL)
+	@test -n "$(SOURCE_DATE_EPOCH)" || { echo "SOURCE_DATE_EPOCH is empty: build from a git checkout or set it" >&2; exit 1; }
 	@# Built from a private copy: setuptools' sdist hard-links the sources into a
 	@# fixed directory of the tree, so two builds at once could truncate a source file.
+	@# The copy holds what git would (tracked and not ignored), with the modes and mtimes
+	@# of no particular checkout, so any clone of a commit builds the same bytes.
 	@mkdir -p $(DIST_DIR) && src=$$(mktemp -d) && trap 'rm -rf "$$src"' EXIT && \
-	  tar -cf - --exclude=./.venv --exclude=./.git --exclude=./build --exclude='./$(DIST_DIR)' . | tar -xf - -C "$$src" && \
+	  { git ls-files -z --cached --others --exclude-standard 2>/dev/null || \
+	    find . -path ./.venv -prune -o -path ./.git -prune -o -path './$(DIST_DIR)' -prune -o -type f -print0; } | \
+	    xargs -0r sh -c 'for f; do test -e "$$f" && printf "%s\0" "$$f"; done' sh | \
+	    tar --null -T - -cf - | tar -xf - -C "$$src" && \
+	  chmod -R u=rwX,go=rX "$$src" && find "$$src" -exec touch -h -d @$(SOURCE_DATE_EPOCH) {} + && \
 	  SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) $(PY) -m build --no-isolation --sdist --wheel \
 	    --outdir "$$(cd $(DIST_DIR) && pwd)" "$$src" >/dev/null
+	$(SIGNING_TOOL) normalize --epoch $(SOURCE_DATE_EPOCH) $(SDIST)
 	$(SIGNING_TOOL) sums --out $(SUMS) $(ARTIFACTS)
 	@cat $(SUMS)
 
