@@ -86,6 +86,8 @@ def build_parser():
     img.add_argument("--cache-dir", required=True, help="where the base is cached")
     img.add_argument("--suite", help="Debian suite (default: this machine's)")
     img.add_argument("--mirror", help="Debian mirror (default: this machine's apt source)")
+    img.add_argument("--epoch", required=True, type=int, help="SOURCE_DATE_EPOCH: every time recorded")
+    img.add_argument("--base-digest", help="refuse a cached base whose manifest digest differs")
 
     sums_p = sub.add_parser("sums", help="write SHA256SUMS for the artifacts")
     sums_p.add_argument("--out", required=True, help="the sums file to write")
@@ -233,7 +235,7 @@ def cmd_image(args):
     suite = args.suite or mirror.codename()
     source = args.mirror or mirror.pick(mirror.read_entries(), suite)
     manifest = image.build(args.wheel, args.image_dir, args.tag, args.cache_dir, suite, source,
-                           args.version)
+                           args.version, args.epoch, base_digest=args.base_digest)
     if args.manifest:
         with open(args.manifest, "wb") as fh:
             fh.write(manifest)

@@ -38,6 +38,8 @@ TARGET_IMAGE ?= $(REGISTRY)/$(REPOSITORY)/$(NAME):$(IMAGE_TAG)
 IMAGE_CACHE ?= /var/cache/xcflushd-build
 SUITE ?=
 MIRROR ?=
+# Pin the base by its manifest digest (the image's org.opencontainers.image.base.digest label).
+BASE_DIGEST ?=
 
 # The release key, pinned by its full fingerprint (never a short id).
 PINNED_FINGERPRINT_FILE ?= signing/RELEASE_KEY_FINGERPRINT
@@ -76,6 +78,7 @@ info:
 	  "* MANIFEST = $(MANIFEST)" "* SIGNATURE = $(SIGNATURE)" \
 	  "* REGISTRY = $(REGISTRY)" "* REPOSITORY = $(REPOSITORY)" "* TARGET_IMAGE = $(TARGET_IMAGE)" \
 	  "* IMAGE_CACHE = $(IMAGE_CACHE)" "* SUITE = $(SUITE)" "* MIRROR = $(MIRROR)" \
+	  "* BASE_DIGEST = $(BASE_DIGEST)" \
 	  "* PINNED_FINGERPRINT_FILE = $(PINNED_FINGERPRINT_FILE)" "* KEY_ID = $(KEY_ID)" \
 	  "* KEY_FILE = $(KEY_FILE)" "* TRUST_KEY_FILE = $(TRUST_KEY_FILE)" \
 	  "* GNUPGHOME = $(GNUPGHOME)" "* FETCH_KEY = $(FETCH_KEY)" "* KEYSERVER = $(KEYSERVER)" \
@@ -110,8 +113,8 @@ dist: release-tools
 
 image: deps dist
 	$(SIGNING_TOOL) image --wheel $(WHEEL) --version $(VERSION) --image-dir $(IMAGE_DIR) \
-	  --tag $(IMAGE_TAG) --manifest $(MANIFEST) --cache-dir $(IMAGE_CACHE) \
-	  $(if $(SUITE),--suite $(SUITE)) $(if $(MIRROR),--mirror $(MIRROR))
+	  --tag $(IMAGE_TAG) --manifest $(MANIFEST) --cache-dir $(IMAGE_CACHE) --epoch $(SOURCE_DATE_EPOCH) \
+	  $(if $(SUITE),--suite $(SUITE)) $(if $(MIRROR),--mirror $(MIRROR)) $(if $(BASE_DIGEST),--base-digest $(BASE_DIGEST))
 
 sign: install
 	$(SIGNING_TOOL) sign --key-id $(KEY_ID) $(SIGN_KEY_SOURCE) $(SUMS_ARGS) $(IMAGE_ARGS)
