@@ -2,7 +2,8 @@
 #
 #   make dist                      sdist + wheel + SHA256SUMS in $(DIST_DIR)
 #   make image                     OCI image layout of the daemon (root; no container engine)
-#   make sign SECRET_KEY_FILE=...  SHA256SUMS.asc + the image signature (or GNUPGHOME=<keyring>)
+#   make sign SECRET_KEY_FILE=...  SHA256SUMS.asc + the image signature (or GNUPGHOME=<keyring>),
+#                                  its lookaside tree, example policy.json and registries.d
 #   make verify TRUST_KEY_FILE=1   PASS/FAIL per artifact against the pinned fingerprint
 #   make info                      every variable below and its value
 #
@@ -59,11 +60,34 @@ KEYSERVER ?= hkps://keys.openpgp.org
 SECRET_KEY_FILE ?= $(wildcard $(KEY_ID).asc)
 PASSPHRASE_FILE ?=
 
+# The image is signed by a PRIMARY key: podman and skopeo (Debian 12) match signedBy
+# against primary fingerprints only, and the release key signs with a subkey. Its
+# fingerprint is pinned in IMAGE_KEY_FINGERPRINT_FILE; while that pins none, the release
+# key's primary (which must then be able to sign).
+IMAGE_KEY_FINGERPRINT_FILE ?= signing/IMAGE_KEY_FINGERPRINT
+ifeq ($(origin IMAGE_KEY_ID),undefined)
+IMAGE_KEY_ID := $(or $(strip $(shell sed -e '/^[[:space:]]*\#/d' -e '/^[[:space:]]*$$/d' $(IMAGE_KEY_FINGERPRINT_FILE) 2>/dev/null | head -n 1)),$(KEY_ID))
+endif
+IMAGE_KEY_FILE ?= signing/$(IMAGE_KEY_ID).asc
+IMAGE_SECRET_KEY_FILE ?= $(if $(filter $(IMAGE_KEY_ID),$(KEY_ID)),$(SECRET_KEY_FILE),$(wildcard $(IMAGE_KEY_ID).asc))
+# What operators get to check the image with podman/skopeo/CRI-O (see README).
+SIGSTORE ?= $(DIST_DIR)/sigstore
+LOOKASIDE_URL ?= https://sigstore.example.invalid/xcflushd
+POLICY ?= $(DIST_DIR)/policy.json
+REGISTRIES_D ?= $(DIST_DIR)/registries.d
+POLICY_KEY_PATH ?= /etc/pki/containers/xcflushd-image-key.asc
+IMAGE_PUBLIC_KEY ?= $(DIST_DIR)/xcflushd-image-key.asc
+IMAGE_ALIASES ?= docker.io/$(REPOSITORY)/$(NAME)
+
 SIGNING_TOOL = $(PY) -m signing
-VERIFY_KEY_SOURCE = $(if $(filter 1,$(TRUST_KEY_FILE)),--key-file $(KEY_FILE),$(if $(GNUPGHOME),--gnupghome $(GNUPGHOME),$(if $(filter 1,$(FETCH_KEY)),--keyserver $(KEYSERVER))))
-SIGN_KEY_SOURCE = $(if $(SECRET_KEY_FILE),--secret-key-file $(SECRET_KEY_FILE),$(if $(GNUPGHOME),--gnupghome $(GNUPGHOME))) $(if $(PASSPHRASE_FILE),--passphrase-file $(PASSPHRASE_FILE))
+VERIFY_KEY_SOURCE = $(if $(filter 1,$(TRUST_KEY_FILE)),--key-file $(KEY_FILE) $(if $(filter-out $(KEY_ID),$(IMAGE_KEY_ID)),--image-key-file $(IMAGE_KEY_FILE)),$(if $(GNUPGHOME),--gnupghome $(GNUPGHOME),$(if $(filter 1,$(FETCH_KEY)),--keyserver $(KEYSERVER))))
+SIGN_KEY_SOURCE = $(if $(SECRET_KEY_FILE),--secret-key-file $(SECRET_KEY_FILE),$(if $(GNUPGHOME),--gnupghome $(GNUPGHOME))) \
+	$(if $(IMAGE_SECRET_KEY_FILE),--image-secret-key-file $(IMAGE_SECRET_KEY_FILE)) $(if $(PASSPHRASE_FILE),--passphrase-file $(PASSPHRASE_FILE))
 SUMS_ARGS = --sums $(SUMS) --sums-signature $(SUMS_SIGNATURE) $(addprefix --artifact ,$(ARTIFACTS))
-IMAGE_ARGS = --image-dir $(IMAGE_DIR) --tag $(IMAGE_TAG) --manifest $(MANIFEST) --signature $(SIGNATURE) --reference $(TARGET_IMAGE)
+IMAGE_ARGS = --image-dir $(IMAGE_DIR) --tag $(IMAGE_TAG) --manifest $(MANIFEST) --signature $(SIGNATURE) \
+	--reference $(TARGET_IMAGE) --image-key-id $(IMAGE_KEY_ID) --sigstore $(SIGSTORE)
+PUBLISH_ARGS = --policy $(POLICY) --registries-d $(REGISTRIES_D) --policy-key-path $(POLICY_KEY_PATH) \
+	--lookaside-url $(LOOKASIDE_URL) --image-public-key $(IMAGE_PUBLIC_KEY) $(addprefix --alias ,$(IMAGE_ALIASES))
 
 .PHONY: info dist image sign sign-dist sign-image verify verify-dist verify-image \
 	release-tools release-key-fingerprints clean-image-cache
@@ -82,7 +106,12 @@ info:
 	  "* PINNED_FINGERPRINT_FILE = $(PINNED_FINGERPRINT_FILE)" "* KEY_ID = $(KEY_ID)" \
 	  "* KEY_FILE = $(KEY_FILE)" "* TRUST_KEY_FILE = $(TRUST_KEY_FILE)" \
 	  "* GNUPGHOME = $(GNUPGHOME)" "* FETCH_KEY = $(FETCH_KEY)" "* KEYSERVER = $(KEYSERVER)" \
-	  "* SECRET_KEY_FILE = $(SECRET_KEY_FILE)" "* PASSPHRASE_FILE = $(PASSPHRASE_FILE)"
+	  "* SECRET_KEY_FILE = $(SECRET_KEY_FILE)" "* PASSPHRASE_FILE = $(PASSPHRASE_FILE)" \
+	  "* IMAGE_KEY_FINGERPRINT_FILE = $(IMAGE_KEY_FINGERPRINT_FILE)" "* IMAGE_KEY_ID = $(IMAGE_KEY_ID)" \
+	  "* IMAGE_KEY_FILE = $(IMAGE_KEY_FILE)" "* IMAGE_SECRET_KEY_FILE = $(IMAGE_SECRET_KEY_FILE)" \
+	  "* SIGSTORE = $(SIGSTORE)" "* LOOKASIDE_URL = $(LOOKASIDE_URL)" "* POLICY = $(POLICY)" \
+	  "* REGISTRIES_D = $(REGISTRIES_D)" "* POLICY_KEY_PATH = $(POLICY_KEY_PATH)" \
+	  "* IMAGE_PUBLIC_KEY = $(IMAGE_PUBLIC_KEY)" "* IMAGE_ALIASES = $(IMAGE_ALIASES)"
 
 # `build` runs without isolation on the venv's setuptools, so no build backend is fetched per run.
 release-tools: install
@@ -117,13 +146,13 @@ image: deps dist
 	  $(if $(SUITE),--suite $(SUITE)) $(if $(MIRROR),--mirror $(MIRROR)) $(if $(BASE_DIGEST),--base-digest $(BASE_DIGEST))
 
 sign: install
-	$(SIGNING_TOOL) sign --key-id $(KEY_ID) $(SIGN_KEY_SOURCE) $(SUMS_ARGS) $(IMAGE_ARGS)
+	$(SIGNING_TOOL) sign --key-id $(KEY_ID) $(SIGN_KEY_SOURCE) $(SUMS_ARGS) $(IMAGE_ARGS) $(PUBLISH_ARGS)
 
 sign-dist: install
 	$(SIGNING_TOOL) sign --key-id $(KEY_ID) $(SIGN_KEY_SOURCE) $(SUMS_ARGS)
 
 sign-image: install
-	$(SIGNING_TOOL) sign --key-id $(KEY_ID) $(SIGN_KEY_SOURCE) $(IMAGE_ARGS)
+	$(SIGNING_TOOL) sign --key-id $(KEY_ID) $(SIGN_KEY_SOURCE) $(IMAGE_ARGS) $(PUBLISH_ARGS)
 
 verify: install
 	@$(SIGNING_TOOL) verify --key-id $(KEY_ID) $(VERIFY_KEY_SOURCE) $(SUMS_ARGS) $(IMAGE_ARGS)
