@@ -8,7 +8,9 @@ even start, e.g. no usable public key).
 import argparse
 import contextlib
 import os
+import shutil
 import sys
+import tempfile
 
 from signing import (
     PINNED_FINGERPRINT_FILE,
@@ -21,6 +23,7 @@ from signing import (
     oci,
     publish,
     repro,
+    reproduce,
     sums,
 )
 from signing.gpghome import open_gpg, private_home, user_home
@@ -107,6 +110,17 @@ def build_parser():
     sums_p = sub.add_parser("sums", help="write SHA256SUMS for the artifacts")
     sums_p.add_argument("--out", required=True, help="the sums file to write")
     sums_p.add_argument("artifacts", nargs="+", help="files to list (one directory)")
+
+    rep = sub.add_parser("reproduce", help="rebuild a release from a clean checkout and compare")
+    rep.add_argument("--repo", required=True, help="git repository to clone")
+    rep.add_argument("--ref", required=True, help="tag or commit to rebuild")
+    rep.add_argument("--release-dir", required=True, help="the release: SHA256SUMS, manifest, ...")
+    rep.add_argument("--sums", default="SHA256SUMS", help="name of the sums file in it")
+    rep.add_argument("--image-name", required=True, help="IMAGE_NAME (layout and manifest names)")
+    rep.add_argument("--image-tag", required=True, help="tag in the layout (TAG-REL)")
+    rep.add_argument("--image", choices=("0", "1"), default="0", help="rebuild and compare the image")
+    rep.add_argument("--make-var", action="append", default=[], help="VAR=value for the rebuild")
+    rep.add_argument("--keep", action="store_true", help="keep the private build directory")
 
     norm = sub.add_parser("normalize", help="rewrite .tar.gz archives reproducibly, in place")
     norm.add_argument("--epoch", required=True, type=int, help="SOURCE_DATE_EPOCH: every mtime")
@@ -282,8 +296,8 @@ def cmd_verify(args):
     return 1 if failed else 0
 
 
-def _banner(ok):
-    text = "Signature verification OK" if ok else "Signature verification FAILED"
+def _banner(ok, what="Signature verification"):
+    text = f"{what} OK" if ok else f"{what} FAILED"
     print(f"{BANNER}\n{'[II]' if ok else '[WW]'} {text}\n{BANNER}")
 
 
@@ -306,6 +320,49 @@ def cmd_sums(args):
     return 0
 
 
+def cmd_reproduce(args):
+    work = tempfile.mkdtemp(prefix="reproduce-")
+    log = os.path.join(work, "build.log")
+    failed = 0
+    try:
+        src, dist = os.path.join(work, "src"), os.path.join(work, "dist")
+        layout = os.path.join(args.release_dir, args.image_name)
+        image = args.image == "1"
+        if image and os.geteuid() != 0:
+            print("SKIP  image  rebuilding the image needs root (debootstrap, chroot)")
+            image = False
+        make_vars = list(args.make_var)
+        if image and os.path.isdir(layout):
+            base = reproduce.base_digest_of(layout, args.image_tag)
+            make_vars += [f"BASE_DIGEST={base}"] if base else []
+        try:
+            commit = reproduce.clone(args.repo, args.ref, src, log)
+            print(f"rebuild {args.ref} (commit {commit}) in {work}")
+            reproduce.rebuild(src, dist, log, image=image, make_vars=make_vars)
+        except errors.SetupError as exc:
+            print(f"FAIL  rebuild  {exc}")
+            _banner(False, "Reproduction")
+            return 1
+        verdicts = list(reproduce.compare_sums(args.release_dir, dist, args.sums))
+        if image:
+            verdicts.append(reproduce.compare_image(
+                os.path.join(args.release_dir, args.image_name + ".manifest"),
+                os.path.join(dist, args.image_name + ".manifest"),
+                layout if os.path.isdir(layout) else None, os.path.join(dist, args.image_name)))
+        for ok, name, message, hint in verdicts:
+            failed += not ok
+            print(f"{'PASS' if ok else 'FAIL'}  {name}  {message}")
+            for line in hint:
+                print(f"      {line}")
+    finally:
+        if args.keep:
+            print(f"kept  {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    _banner(not failed, "Reproduction")
+    return 1 if failed else 0
+
+
 def cmd_normalize(args):
     for path in args.archives:
         repro.normalize_tar_gz(path, args.epoch)
@@ -324,7 +381,8 @@ def main(argv=None):
     """Run the command line; exit with its status."""
     args = build_parser().parse_args(argv)
     handler = {"sign": cmd_sign, "verify": cmd_verify, "image": cmd_image,
-               "sums": cmd_sums, "normalize": cmd_normalize, "fingerprints": cmd_fingerprints}[args.command]
+               "sums": cmd_sums, "normalize": cmd_normalize, "reproduce": cmd_reproduce,
+               "fingerprints": cmd_fingerprints}[args.command]
     try:
         status = handler(args)
     except errors.SigningError as exc:

@@ -5,6 +5,7 @@
 #   make sign SECRET_KEY_FILE=...  SHA256SUMS.asc + the image signature (or GNUPGHOME=<keyring>),
 #                                  its lookaside tree, example policy.json and registries.d
 #   make verify TRUST_KEY_FILE=1   PASS/FAIL per artifact against the pinned fingerprint
+#   make reproduce REF=<tag>       rebuild the tag from a clean clone, compare with RELEASE_DIR
 #   make info                      every variable below and its value
 #
 # Every knob is ?= overridable. Nothing here reads or writes ~/.gnupg unless GNUPGHOME names
@@ -89,8 +90,15 @@ IMAGE_ARGS = --image-dir $(IMAGE_DIR) --tag $(IMAGE_TAG) --manifest $(MANIFEST) 
 PUBLISH_ARGS = --policy $(POLICY) --registries-d $(REGISTRIES_D) --policy-key-path $(POLICY_KEY_PATH) \
 	--lookaside-url $(LOOKASIDE_URL) --image-public-key $(IMAGE_PUBLIC_KEY) $(addprefix --alias ,$(IMAGE_ALIASES))
 
+# make reproduce: rebuild REF from a clean clone of REPO_URL in a private directory and
+# compare with the signed release in RELEASE_DIR (verified first).
+REF ?= $(TAG)
+RELEASE_DIR ?= $(DIST_DIR)
+REPO_URL ?= $(shell git rev-parse --show-toplevel 2>/dev/null)
+REPRODUCE_IMAGE ?= $(if $(wildcard $(RELEASE_DIR)/$(IMAGE_NAME).manifest),1,0)
+
 .PHONY: info dist image sign sign-dist sign-image verify verify-dist verify-image \
-	release-tools release-key-fingerprints clean-image-cache
+	release-tools release-key-fingerprints clean-image-cache reproduce
 
 info:
 	@printf '%s\n' "The following variables _can_ be modified (make VAR=value ...):" "" \
@@ -111,7 +119,9 @@ info:
 	  "* IMAGE_KEY_FILE = $(IMAGE_KEY_FILE)" "* IMAGE_SECRET_KEY_FILE = $(IMAGE_SECRET_KEY_FILE)" \
 	  "* SIGSTORE = $(SIGSTORE)" "* LOOKASIDE_URL = $(LOOKASIDE_URL)" "* POLICY = $(POLICY)" \
 	  "* REGISTRIES_D = $(REGISTRIES_D)" "* POLICY_KEY_PATH = $(POLICY_KEY_PATH)" \
-	  "* IMAGE_PUBLIC_KEY = $(IMAGE_PUBLIC_KEY)" "* IMAGE_ALIASES = $(IMAGE_ALIASES)"
+	  "* IMAGE_PUBLIC_KEY = $(IMAGE_PUBLIC_KEY)" "* IMAGE_ALIASES = $(IMAGE_ALIASES)" \
+	  "* REF = $(REF)" "* RELEASE_DIR = $(RELEASE_DIR)" "* REPO_URL = $(REPO_URL)" \
+	  "* REPRODUCE_IMAGE = $(REPRODUCE_IMAGE)"
 
 # `build` runs without isolation on the venv's setuptools, so no build backend is fetched per run.
 release-tools: install
@@ -162,6 +172,15 @@ verify-dist: install
 
 verify-image: install
 	@$(SIGNING_TOOL) verify --key-id $(KEY_ID) $(VERIFY_KEY_SOURCE) $(IMAGE_ARGS)
+
+# The rebuild uses this checkout's venv for its build tools (-o: never reinstalled there).
+reproduce: install
+	@$(MAKE) --no-print-directory $(if $(filter 1,$(REPRODUCE_IMAGE)),verify,verify-dist) DIST_DIR=$(RELEASE_DIR)
+	@$(SIGNING_TOOL) reproduce --repo "$(REPO_URL)" --ref "$(REF)" --release-dir $(RELEASE_DIR) \
+	  --sums $(notdir $(SUMS)) --image-name $(IMAGE_NAME) --image-tag $(IMAGE_TAG) --image $(REPRODUCE_IMAGE) \
+	  --make-var VENV=$(abspath $(VENV)) --make-var PY=$(abspath $(PY)) --make-var=--old-file=$(abspath $(VENV))/.installed \
+	  --make-var REL=$(REL) --make-var IMAGE_CACHE=$(IMAGE_CACHE) \
+	  $(if $(SUITE),--make-var SUITE=$(SUITE)) $(if $(MIRROR),--make-var MIRROR=$(MIRROR))
 
 # Every fingerprint (primary, then subkeys) of the pinned key in KEY_FILE: what skopeo wants.
 release-key-fingerprints: install
