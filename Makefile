@@ -4,14 +4,18 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# The fast tier: what `make check` leaves out (see SLOW in tests/conftest.py).
+CHECK_MARKERS ?= not slow and not lab
+DURATIONS ?= 10
 SYSTEM_PACKAGES_FILE := tests/system-packages.txt
 
 .DEFAULT_GOAL := help
-.PHONY: help deps install run test test-deploy lint clean bench chaos
+.PHONY: help deps install run check test test-deploy lint clean bench chaos
 
 help:
 	@echo "make run      run the daemon against a local redis-server and backend simulator (Ctrl-C stops all)"
-	@echo "make test     run the test suite (installs what is missing first)"
+	@echo "make check    the fast tier: unit and quick integration tests (under 90 s)"
+	@echo "make test     run the whole test suite, as CI does (installs what is missing first)"
 	@echo "make lint     ruff over the package and tests"
 	@echo "make bench    flush-cycle and priority-path benchmark (JSON + table + plot)"
 	@echo "make chaos    the long fault-injection run (kills, Redis restarts, backend faults)"
@@ -40,8 +44,11 @@ install: $(VENV)/.installed
 run: deps install
 	$(PY) -m xcflushd.sim.devrun
 
+check: deps install
+	$(PY) -m pytest -m "$(CHECK_MARKERS)" $(PYTEST_ARGS)
+
 test: deps install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=$(DURATIONS) $(PYTEST_ARGS)
 
 test-deploy: deps install
 	$(PY) -m pytest tests/deploy $(PYTEST_ARGS)

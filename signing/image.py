@@ -7,7 +7,13 @@
    its dependency wheels (built on the host) installed offline, in a chroot with no
    network, and ``umoci repack`` records the difference as a second layer.
 3. The image config: entrypoint ``xcflushd`` (so ``<image> run ...`` runs ``xcflushd run
-   ...``), an unprivileged user, and the tag ``<TAG>-<REL>``.
+   ...``), an unprivileged user, the tag ``<TAG>-<REL>`` and the base's manifest digest
+   (label ``org.opencontainers.image.base.digest``).
+
+Reproducible: given the same cached base, two builds of one commit give the same bytes.
+Every time recorded is ``SOURCE_DATE_EPOCH`` (file mtimes of what the install touched,
+history and config dates); the install runs with it set, so Python writes hash-checked
+``.pyc`` files and ``useradd`` dates the shadow entry with it.
 """
 
 import contextlib
@@ -19,10 +25,12 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 
 from signing import errors, oci, wheelhouse
 
-__all__ = ["BASE_PACKAGES", "VENV", "UID", "base_layout", "build", "prune_rootfs", "chroot_cmd"]
+__all__ = ["BASE_PACKAGES", "VENV", "UID", "BASE_LABEL", "base_layout", "build", "prune_rootfs",
+           "chroot_cmd", "clamp_times", "rfc3339"]
 
 BASE_PACKAGES = ("python3", "ca-certificates")
 """Debian packages added to debootstrap's ``minbase`` variant."""
@@ -30,6 +38,8 @@ VENV = "/opt/xcflushd"
 """Where the daemon's virtualenv lives in the image."""
 UID = 10001
 """The unprivileged user (and group) id the image runs as."""
+BASE_LABEL = "org.opencontainers.image.base.digest"
+"""Config label recording the manifest digest of the base the image was built on."""
 _BASE_FORMAT = 1  # bump when the base recipe changes, so caches are rebuilt
 _PRUNE = ("var/lib/apt/lists/*", "var/cache/apt/*.bin", "var/cache/apt/archives/*.deb",
           "var/log/*.log", "var/log/apt/*", "dev/*", "tmp/*", "root/.cache")
@@ -43,14 +53,14 @@ def _run(cmd, **kwargs):
         raise errors.SetupError(f"{cmd[0]} is not installed (run make deps)") from None
 
 
-def chroot_cmd(rootfs, argv, user=None):
+def chroot_cmd(rootfs, argv, user=None, env=()):
     """A command running ``argv`` in ``rootfs``: own mount namespace with /dev and /proc,
-    no network, an empty environment (no host ``PIP_*`` settings leak in)."""
+    no network, an environment of only ``env`` (no host ``PIP_*`` settings leak in)."""
     inner = (f'mount --rbind /dev "$0/dev" && mount -t proc proc "$0/proc" && '
              f'exec chroot {"--userspec=" + user + " " if user else ""}"$0" "$@"')
     return ["unshare", "--mount", "--net", "--fork", "sh", "-c", inner, rootfs,
             "env", "-i", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            "HOME=/root", "LANG=C.UTF-8"] + list(argv)
+            "HOME=/root", "LANG=C.UTF-8", *env] + list(argv)
 
 
 def prune_rootfs(rootfs):
@@ -72,6 +82,29 @@ def prune_rootfs(rootfs):
         if os.path.isfile(path):
             with open(path, "w") as fh:
                 fh.write("# Add your apt sources here; the image was built offline.\n")
+
+
+def rfc3339(epoch):
+    """``epoch`` seconds as the UTC time stamp OCI configs use."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def clamp_times(rootfs, since, epoch):
+    """Set to ``epoch`` the mtime of every path changed (ctime) at or after ``since``.
+
+    Only what the install touched: untouched base files keep their times, so they stay
+    out of the application layer. Returns how many paths were set.
+    """
+    count = 0
+    for top, dirs, files in os.walk(rootfs):
+        for name in dirs + files:
+            path = os.path.join(top, name)
+            if os.lstat(path).st_ctime >= since:
+                os.utime(path, (epoch, epoch), follow_symlinks=False)
+                count += 1
+    if os.lstat(rootfs).st_ctime >= since:
+        os.utime(rootfs, (epoch, epoch))
+    return count
 
 
 def _base_key(suite, packages):
@@ -141,9 +174,21 @@ def _install_script(requirement):
     )
 
 
-def build(project_wheel, layout, tag, cache_dir, suite, mirror, version, log=print):
-    """Build the OCI layout ``layout`` holding the image ``tag``; return its manifest bytes."""
+def build(project_wheel, layout, tag, cache_dir, suite, mirror, version, epoch,
+          base_digest=None, log=print):
+    """Build the OCI layout ``layout`` holding the image ``tag``; return its manifest bytes.
+
+    ``epoch`` is SOURCE_DATE_EPOCH; ``base_digest``, when given, pins the base: a cached
+    base with another manifest digest is refused rather than silently built on.
+    """
     base = base_layout(cache_dir, suite, mirror, log=log)
+    have = oci.digest_of(oci.manifest_bytes(base, "base"))
+    if base_digest and have != base_digest:
+        raise errors.SetupError(
+            f"the base is pinned to {base_digest}, but the cached base {base} is {have}: "
+            "bring that base into IMAGE_CACHE (or drop BASE_DIGEST to build on this one)")
+    log(f"base: {have}")
+    created = rfc3339(epoch)
     work = tempfile.mkdtemp(prefix="image-", dir=cache_dir)
     try:
         if os.path.exists(layout):
@@ -152,22 +197,26 @@ def build(project_wheel, layout, tag, cache_dir, suite, mirror, version, log=pri
         bundle = os.path.join(work, "bundle")
         _run(["umoci", "unpack", "--image", layout + ":base", bundle])
         rootfs = os.path.join(bundle, "rootfs")
-        environment = wheelhouse.environment_of(chroot_cmd(rootfs, ["python3"]))
+        since = time.time()
+        env = [f"SOURCE_DATE_EPOCH={epoch}"]
+        environment = wheelhouse.environment_of(chroot_cmd(rootfs, ["python3"], env=env))
         house = os.path.join(rootfs, "tmp", "wheels")
         log(f"image: wheels for Python {environment['python_full_version']} into the image")
         wheelhouse.build(project_wheel, house, environment)
         log("image: installing offline into " + VENV)
-        _run(chroot_cmd(rootfs, ["sh", "-c", _install_script(f"xcflushd=={version}")]))
+        _run(chroot_cmd(rootfs, ["sh", "-c", _install_script(f"xcflushd=={version}")], env=env))
+        clamp_times(rootfs, since, epoch)
         _run(["umoci", "repack", "--history.created_by", f"pip install xcflushd=={version}",
-              "--image", f"{layout}:{tag}", bundle])
-        _run(["umoci", "config", "--image", f"{layout}:{tag}",
+              "--history.created", created, "--image", f"{layout}:{tag}", bundle])
+        _run(["umoci", "config", "--image", f"{layout}:{tag}", "--created", created,
               "--config.entrypoint", f"{VENV}/bin/xcflushd",
               "--config.user", f"{UID}:{UID}", "--config.workingdir", "/",
               "--config.env", f"PATH={VENV}/bin:/usr/local/bin:/usr/bin:/bin",
               "--config.env", "LANG=C.UTF-8", "--config.env", "PYTHONUNBUFFERED=1",
               "--config.label", "org.opencontainers.image.title=xcflushd",
               "--config.label", f"org.opencontainers.image.version={version}",
-              "--history.created_by", "entrypoint xcflushd"])
+              "--config.label", f"{BASE_LABEL}={have}",
+              "--history.created_by", "entrypoint xcflushd", "--history.created", created])
         _run(["umoci", "rm", "--image", layout + ":base"])
         _run(["umoci", "gc", "--layout", layout])
     finally:

@@ -2,8 +2,13 @@
 
 The same format ``skopeo standalone-sign`` writes and ``skopeo standalone-verify`` reads.
 Verification order: the bytes are a binary OpenPGP message → the signature is good and
-by the pinned key (any subkey) → only then the payload is parsed, strictly → the digest
-matches the manifest → the reference matches.
+made by the pinned key's primary itself → only then the payload is parsed, strictly → the
+digest matches the manifest → the reference matches.
+
+Primary only, as podman and skopeo check: Debian 12's containers/image matches a
+``signedBy`` key against primary fingerprints, so an image signed by a subkey would pass
+here and be refused by every operator's pull. Images are therefore signed with
+``--local-user FPR!`` (exactly that key, no subkey substituted).
 """
 
 import os
@@ -28,10 +33,12 @@ def sign(gpg, manifest, reference, signer, sig_path, passphrase=None, timestamp=
     payload = atomic.build(digest, reference, CREATOR,
                            int(time.time()) if timestamp is None else timestamp)
     result = gpg.sign(payload, binary=True, clearsign=False, passphrase=passphrase,
-                      extra_args=["--local-user", signer])
+                      extra_args=["--local-user", signer + "!"])
     if result.status != "signature created" or not result.data:
         raise errors.SigningFailed(
-            f"gpg did not sign the image with {signer}: {result.status or 'no signature'}"
+            f"gpg did not sign the image with the primary key {signer}: "
+            f"{result.status or 'no signature'} (an image key must be a primary key that can "
+            "sign: podman and skopeo accept no subkey)"
         )
     tmp = sig_path + ".tmp"
     with open(tmp, "wb") as fh:
@@ -56,6 +63,11 @@ def verify(gpg, sig_path, manifest, reference, pinned):
     if result.valid and "PLAINTEXT" not in statuses:
         raise errors.WrongFormat(f"{sig_path} carries no signed payload (a detached signature?)")
     signer = check_signer(result, pinned, sig_path)
+    if signer != pinned:
+        raise errors.WrongSigner(
+            f"{sig_path}: signed by subkey {signer} of {pinned}; podman and skopeo accept only "
+            "a signature by the primary key itself (sign with the image key)"
+        )
     signed_digest, signed_reference = atomic.parse(result.data)
     algorithm = signed_digest.split(":", 1)[0]
     actual = digest_of(manifest, algorithm)

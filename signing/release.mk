@@ -2,8 +2,10 @@
 #
 #   make dist                      sdist + wheel + SHA256SUMS in $(DIST_DIR)
 #   make image                     OCI image layout of the daemon (root; no container engine)
-#   make sign SECRET_KEY_FILE=...  SHA256SUMS.asc + the image signature (or GNUPGHOME=<keyring>)
+#   make sign SECRET_KEY_FILE=...  SHA256SUMS.asc + the image signature (or GNUPGHOME=<keyring>),
+#                                  its lookaside tree, example policy.json and registries.d
 #   make verify TRUST_KEY_FILE=1   PASS/FAIL per artifact against the pinned fingerprint
+#   make reproduce REF=<tag>       rebuild the tag from a clean clone, compare with RELEASE_DIR
 #   make info                      every variable below and its value
 #
 # Every knob is ?= overridable. Nothing here reads or writes ~/.gnupg unless GNUPGHOME names
@@ -38,6 +40,8 @@ TARGET_IMAGE ?= $(REGISTRY)/$(REPOSITORY)/$(NAME):$(IMAGE_TAG)
 IMAGE_CACHE ?= /var/cache/xcflushd-build
 SUITE ?=
 MIRROR ?=
+# Pin the base by its manifest digest (the image's org.opencontainers.image.base.digest label).
+BASE_DIGEST ?=
 
 # The release key, pinned by its full fingerprint (never a short id).
 PINNED_FINGERPRINT_FILE ?= signing/RELEASE_KEY_FINGERPRINT
@@ -57,14 +61,44 @@ KEYSERVER ?= hkps://keys.openpgp.org
 SECRET_KEY_FILE ?= $(wildcard $(KEY_ID).asc)
 PASSPHRASE_FILE ?=
 
+# The image is signed by a PRIMARY key: podman and skopeo (Debian 12) match signedBy
+# against primary fingerprints only, and the release key signs with a subkey. Its
+# fingerprint is pinned in IMAGE_KEY_FINGERPRINT_FILE; while that pins none, the release
+# key's primary (which must then be able to sign).
+IMAGE_KEY_FINGERPRINT_FILE ?= signing/IMAGE_KEY_FINGERPRINT
+ifeq ($(origin IMAGE_KEY_ID),undefined)
+IMAGE_KEY_ID := $(or $(strip $(shell sed -e '/^[[:space:]]*\#/d' -e '/^[[:space:]]*$$/d' $(IMAGE_KEY_FINGERPRINT_FILE) 2>/dev/null | head -n 1)),$(KEY_ID))
+endif
+IMAGE_KEY_FILE ?= signing/$(IMAGE_KEY_ID).asc
+IMAGE_SECRET_KEY_FILE ?= $(if $(filter $(IMAGE_KEY_ID),$(KEY_ID)),$(SECRET_KEY_FILE),$(wildcard $(IMAGE_KEY_ID).asc))
+# What operators get to check the image with podman/skopeo/CRI-O (see README).
+SIGSTORE ?= $(DIST_DIR)/sigstore
+LOOKASIDE_URL ?= https://sigstore.example.invalid/xcflushd
+POLICY ?= $(DIST_DIR)/policy.json
+REGISTRIES_D ?= $(DIST_DIR)/registries.d
+POLICY_KEY_PATH ?= /etc/pki/containers/xcflushd-image-key.asc
+IMAGE_PUBLIC_KEY ?= $(DIST_DIR)/xcflushd-image-key.asc
+IMAGE_ALIASES ?= docker.io/$(REPOSITORY)/$(NAME)
+
 SIGNING_TOOL = $(PY) -m signing
-VERIFY_KEY_SOURCE = $(if $(filter 1,$(TRUST_KEY_FILE)),--key-file $(KEY_FILE),$(if $(GNUPGHOME),--gnupghome $(GNUPGHOME),$(if $(filter 1,$(FETCH_KEY)),--keyserver $(KEYSERVER))))
-SIGN_KEY_SOURCE = $(if $(SECRET_KEY_FILE),--secret-key-file $(SECRET_KEY_FILE),$(if $(GNUPGHOME),--gnupghome $(GNUPGHOME))) $(if $(PASSPHRASE_FILE),--passphrase-file $(PASSPHRASE_FILE))
+VERIFY_KEY_SOURCE = $(if $(filter 1,$(TRUST_KEY_FILE)),--key-file $(KEY_FILE) $(if $(filter-out $(KEY_ID),$(IMAGE_KEY_ID)),--image-key-file $(IMAGE_KEY_FILE)),$(if $(GNUPGHOME),--gnupghome $(GNUPGHOME),$(if $(filter 1,$(FETCH_KEY)),--keyserver $(KEYSERVER))))
+SIGN_KEY_SOURCE = $(if $(SECRET_KEY_FILE),--secret-key-file $(SECRET_KEY_FILE),$(if $(GNUPGHOME),--gnupghome $(GNUPGHOME))) \
+	$(if $(IMAGE_SECRET_KEY_FILE),--image-secret-key-file $(IMAGE_SECRET_KEY_FILE)) $(if $(PASSPHRASE_FILE),--passphrase-file $(PASSPHRASE_FILE))
 SUMS_ARGS = --sums $(SUMS) --sums-signature $(SUMS_SIGNATURE) $(addprefix --artifact ,$(ARTIFACTS))
-IMAGE_ARGS = --image-dir $(IMAGE_DIR) --tag $(IMAGE_TAG) --manifest $(MANIFEST) --signature $(SIGNATURE) --reference $(TARGET_IMAGE)
+IMAGE_ARGS = --image-dir $(IMAGE_DIR) --tag $(IMAGE_TAG) --manifest $(MANIFEST) --signature $(SIGNATURE) \
+	--reference $(TARGET_IMAGE) --image-key-id $(IMAGE_KEY_ID) --sigstore $(SIGSTORE)
+PUBLISH_ARGS = --policy $(POLICY) --registries-d $(REGISTRIES_D) --policy-key-path $(POLICY_KEY_PATH) \
+	--lookaside-url $(LOOKASIDE_URL) --image-public-key $(IMAGE_PUBLIC_KEY) $(addprefix --alias ,$(IMAGE_ALIASES))
+
+# make reproduce: rebuild REF from a clean clone of REPO_URL in a private directory and
+# compare with the signed release in RELEASE_DIR (verified first).
+REF ?= $(TAG)
+RELEASE_DIR ?= $(DIST_DIR)
+REPO_URL ?= $(shell git rev-parse --show-toplevel 2>/dev/null)
+REPRODUCE_IMAGE ?= $(if $(wildcard $(RELEASE_DIR)/$(IMAGE_NAME).manifest),1,0)
 
 .PHONY: info dist image sign sign-dist sign-image verify verify-dist verify-image \
-	release-tools release-key-fingerprints clean-image-cache
+	release-tools release-key-fingerprints clean-image-cache reproduce
 
 info:
 	@printf '%s\n' "The following variables _can_ be modified (make VAR=value ...):" "" \
@@ -76,10 +110,18 @@ info:
 	  "* MANIFEST = $(MANIFEST)" "* SIGNATURE = $(SIGNATURE)" \
 	  "* REGISTRY = $(REGISTRY)" "* REPOSITORY = $(REPOSITORY)" "* TARGET_IMAGE = $(TARGET_IMAGE)" \
 	  "* IMAGE_CACHE = $(IMAGE_CACHE)" "* SUITE = $(SUITE)" "* MIRROR = $(MIRROR)" \
+	  "* BASE_DIGEST = $(BASE_DIGEST)" \
 	  "* PINNED_FINGERPRINT_FILE = $(PINNED_FINGERPRINT_FILE)" "* KEY_ID = $(KEY_ID)" \
 	  "* KEY_FILE = $(KEY_FILE)" "* TRUST_KEY_FILE = $(TRUST_KEY_FILE)" \
 	  "* GNUPGHOME = $(GNUPGHOME)" "* FETCH_KEY = $(FETCH_KEY)" "* KEYSERVER = $(KEYSERVER)" \
-	  "* SECRET_KEY_FILE = $(SECRET_KEY_FILE)" "* PASSPHRASE_FILE = $(PASSPHRASE_FILE)"
+	  "* SECRET_KEY_FILE = $(SECRET_KEY_FILE)" "* PASSPHRASE_FILE = $(PASSPHRASE_FILE)" \
+	  "* IMAGE_KEY_FINGERPRINT_FILE = $(IMAGE_KEY_FINGERPRINT_FILE)" "* IMAGE_KEY_ID = $(IMAGE_KEY_ID)" \
+	  "* IMAGE_KEY_FILE = $(IMAGE_KEY_FILE)" "* IMAGE_SECRET_KEY_FILE = $(IMAGE_SECRET_KEY_FILE)" \
+	  "* SIGSTORE = $(SIGSTORE)" "* LOOKASIDE_URL = $(LOOKASIDE_URL)" "* POLICY = $(POLICY)" \
+	  "* REGISTRIES_D = $(REGISTRIES_D)" "* POLICY_KEY_PATH = $(POLICY_KEY_PATH)" \
+	  "* IMAGE_PUBLIC_KEY = $(IMAGE_PUBLIC_KEY)" "* IMAGE_ALIASES = $(IMAGE_ALIASES)" \
+	  "* REF = $(REF)" "* RELEASE_DIR = $(RELEASE_DIR)" "* REPO_URL = $(REPO_URL)" \
+	  "* REPRODUCE_IMAGE = $(REPRODUCE_IMAGE)"
 
 # `build` runs without isolation on the venv's setuptools, so no build backend is fetched per run.
 release-tools: install
@@ -91,28 +133,36 @@ dist: release-tools
 	@git diff --quiet HEAD 2>/dev/null && test -z "$$(git ls-files --others --exclude-standard)" || \
 	  echo "warning: the work tree has changes; build releases from a clean checkout of the tag" >&2
 	rm -f $(SDIST) $(WHEEL)
+	@test -n "$(SOURCE_DATE_EPOCH)" || { echo "SOURCE_DATE_EPOCH is empty: build from a git checkout or set it" >&2; exit 1; }
 	@# Built from a private copy: setuptools' sdist hard-links the sources into a
 	@# fixed directory of the tree, so two builds at once could truncate a source file.
+	@# The copy holds what git would (tracked and not ignored), with the modes and mtimes
+	@# of no particular checkout, so any clone of a commit builds the same bytes.
 	@mkdir -p $(DIST_DIR) && src=$$(mktemp -d) && trap 'rm -rf "$$src"' EXIT && \
-	  tar -cf - --exclude=./.venv --exclude=./.git --exclude=./build --exclude='./$(DIST_DIR)' . | tar -xf - -C "$$src" && \
+	  { git ls-files -z --cached --others --exclude-standard 2>/dev/null || \
+	    find . -path ./.venv -prune -o -path ./.git -prune -o -path './$(DIST_DIR)' -prune -o -type f -print0; } | \
+	    xargs -0r sh -c 'for f; do test -e "$$f" && printf "%s\0" "$$f"; done' sh | \
+	    tar --null -T - -cf - | tar -xf - -C "$$src" && \
+	  chmod -R u=rwX,go=rX "$$src" && find "$$src" -exec touch -h -d @$(SOURCE_DATE_EPOCH) {} + && \
 	  SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) $(PY) -m build --no-isolation --sdist --wheel \
 	    --outdir "$$(cd $(DIST_DIR) && pwd)" "$$src" >/dev/null
+	$(SIGNING_TOOL) normalize --epoch $(SOURCE_DATE_EPOCH) $(SDIST)
 	$(SIGNING_TOOL) sums --out $(SUMS) $(ARTIFACTS)
 	@cat $(SUMS)
 
 image: deps dist
 	$(SIGNING_TOOL) image --wheel $(WHEEL) --version $(VERSION) --image-dir $(IMAGE_DIR) \
-	  --tag $(IMAGE_TAG) --manifest $(MANIFEST) --cache-dir $(IMAGE_CACHE) \
-	  $(if $(SUITE),--suite $(SUITE)) $(if $(MIRROR),--mirror $(MIRROR))
+	  --tag $(IMAGE_TAG) --manifest $(MANIFEST) --cache-dir $(IMAGE_CACHE) --epoch $(SOURCE_DATE_EPOCH) \
+	  $(if $(SUITE),--suite $(SUITE)) $(if $(MIRROR),--mirror $(MIRROR)) $(if $(BASE_DIGEST),--base-digest $(BASE_DIGEST))
 
 sign: install
-	$(SIGNING_TOOL) sign --key-id $(KEY_ID) $(SIGN_KEY_SOURCE) $(SUMS_ARGS) $(IMAGE_ARGS)
+	$(SIGNING_TOOL) sign --key-id $(KEY_ID) $(SIGN_KEY_SOURCE) $(SUMS_ARGS) $(IMAGE_ARGS) $(PUBLISH_ARGS)
 
 sign-dist: install
 	$(SIGNING_TOOL) sign --key-id $(KEY_ID) $(SIGN_KEY_SOURCE) $(SUMS_ARGS)
 
 sign-image: install
-	$(SIGNING_TOOL) sign --key-id $(KEY_ID) $(SIGN_KEY_SOURCE) $(IMAGE_ARGS)
+	$(SIGNING_TOOL) sign --key-id $(KEY_ID) $(SIGN_KEY_SOURCE) $(IMAGE_ARGS) $(PUBLISH_ARGS)
 
 verify: install
 	@$(SIGNING_TOOL) verify --key-id $(KEY_ID) $(VERIFY_KEY_SOURCE) $(SUMS_ARGS) $(IMAGE_ARGS)
@@ -122,6 +172,15 @@ verify-dist: install
 
 verify-image: install
 	@$(SIGNING_TOOL) verify --key-id $(KEY_ID) $(VERIFY_KEY_SOURCE) $(IMAGE_ARGS)
+
+# The rebuild uses this checkout's venv for its build tools (-o: never reinstalled there).
+reproduce: install
+	@$(MAKE) --no-print-directory $(if $(filter 1,$(REPRODUCE_IMAGE)),verify,verify-dist) DIST_DIR=$(RELEASE_DIR)
+	@$(SIGNING_TOOL) reproduce --repo "$(REPO_URL)" --ref "$(REF)" --release-dir $(RELEASE_DIR) \
+	  --sums $(notdir $(SUMS)) --image-name $(IMAGE_NAME) --image-tag $(IMAGE_TAG) --image $(REPRODUCE_IMAGE) \
+	  --make-var VENV=$(abspath $(VENV)) --make-var PY=$(abspath $(PY)) --make-var=--old-file=$(abspath $(VENV))/.installed \
+	  --make-var REL=$(REL) --make-var IMAGE_CACHE=$(IMAGE_CACHE) \
+	  $(if $(SUITE),--make-var SUITE=$(SUITE)) $(if $(MIRROR),--make-var MIRROR=$(MIRROR))
 
 # Every fingerprint (primary, then subkeys) of the pinned key in KEY_FILE: what skopeo wants.
 release-key-fingerprints: install

@@ -50,3 +50,30 @@ def daemon_process():
     for proc in started:
         proc.kill()
         os.unlink(proc.log_path)
+
+
+# The heavy tests `make check` leaves out (measured: each takes seconds or starts a heavy
+# component). A test can also say so itself with @pytest.mark.slow; this table covers whole
+# directories and files, and tests written before the fast tier existed.
+SLOW = (
+    "tests/deploy/",                                   # Ansible: lint and nspawn rollouts
+    "tests/reliability/test_chaos.py",                 # the fault-injection run (minutes)
+    "tests/reliability/test_hostile_pubsub.py",        # message storms (10-20 s each)
+    "tests/reliability/test_secrets.py",               # daemons under every log level
+    "tests/reliability/test_ack_window.py::test_redis_stall",
+    "tests/signing/test_signing_image.py",             # debootstrap + image builds
+    "tests/systemd/test_systemd_protocol.py::test_watchdog",
+    "tests/systemd/test_systemd_protocol.py::test_healthy_control",
+    "tests/systemd/test_systemd_protocol.py::test_a_wedged_thread",
+    "tests/systemd/test_systemd_protocol.py::test_status_tracks",
+    "tests/systemd/test_systemd_protocol.py::test_ready_only_once",
+    "tests/test_renewer.py::test_a_flood_of_failing_requests",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    root = str(config.rootpath)
+    for item in items:
+        nodeid = os.path.relpath(str(item.path), root) + item.nodeid[len(item.nodeid.split("::")[0]):]
+        if nodeid.startswith(SLOW):
+            item.add_marker(pytest.mark.slow)

@@ -11,7 +11,7 @@ import logging
 import os
 import re
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import configargparse
 
@@ -20,9 +20,18 @@ from .config import build_settings
 from .errors import ConfigError
 
 ENV_PREFIX = "XCFLUSHD_"
-# Secrets that would show in `ps` when given as flags.
-_SECRET_FLAGS = re.compile(r"^(-k.*|--provider-key(=.*)?|--service-token(=.*)?)$")
-_URL_PASSWORD = re.compile(r"^(rediss?|unix)://[^/@]*:[^/@]*@")
+# Options whose value is a secret, and options whose URL may carry one (user:pass@),
+# with what to use instead: as flags they would show in `ps` to every user of the node.
+_SECRET_OPTIONS = {
+    "--provider-key": ("-k", f"--provider-key-file, {ENV_PREFIX}PROVIDER_KEY or the config file"),
+    "--service-token": (None, f"--service-tokens-file, {ENV_PREFIX}SERVICE_TOKEN or the config file"),
+}
+_URL_OPTIONS = {
+    "--redis": ("-r", "a Redis password", f"--redis-password-file, {ENV_PREFIX}REDIS or the config file"),
+    "--backend-proxy": (None, "a proxy password", f"{ENV_PREFIX}BACKEND_PROXY or the config file"),
+}
+_URL_AUTHORITY = re.compile(r"://([^/?#\s]*)")
+_URL_QUERY_PASSWORD = re.compile(r"://\S*[?&]password=", re.IGNORECASE)  # redis-py reads ?password=
 # Control characters (and Unicode line breaks) a log record may quote from Redis data.
 _CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7f, 0xa0)]} | {
     0x0a: "\\n", 0x0d: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"}
@@ -90,19 +99,47 @@ def build_parser(config_files: Optional[List[str]] = None) -> configargparse.Arg
     return p
 
 
-def refuse_visible_secrets(argv: List[str]) -> None:
-    """Secrets given as flags show in `ps` to every user of the node."""
+def _has_url_password(text: str) -> bool:
+    """True when ``text`` holds a URL with ``user:password@`` or a ``password=`` parameter."""
+    return bool(_URL_QUERY_PASSWORD.search(text)) or any(
+        ":" in m.group(1).rpartition("@")[0] for m in _URL_AUTHORITY.finditer(text))
+
+
+def _option_and_value(argv: List[str], i: int, options) -> Tuple[Optional[str], str]:
+    """The option ``argv[i]`` names, resolved as argparse does (exact name, else the one
+    option it abbreviates; short options glued to their value), and its value."""
+    arg = argv[i]
+    following = argv[i + 1] if i + 1 < len(argv) else ""
+    if arg.startswith("--") and len(arg) > 2:
+        name, eq, glued = arg.partition("=")
+        if name not in options:  # an abbreviation; an ambiguous one is refused too
+            name = next((s for s in (*_SECRET_OPTIONS, *_URL_OPTIONS) if s.startswith(name)), name)
+        return name, glued if eq else following
+    if arg.startswith("-") and len(arg) > 1 and arg[1] != "-":
+        glued = arg[2:]
+        for long, (short, *_rest) in (*_SECRET_OPTIONS.items(), *_URL_OPTIONS.items()):
+            if arg[:2] == short:
+                return long, glued or following
+        return arg[:2], glued or following
+    return None, arg
+
+
+def refuse_visible_secrets(argv: List[str], options=None) -> None:
+    """Secrets given as flags show in `ps` to every user of the node: refuse them, in every
+    spelling argparse accepts, without ever quoting the secret."""
+    options = options or {s for a in build_parser([])._actions for s in a.option_strings}
     for i, arg in enumerate(argv):
-        if _SECRET_FLAGS.match(arg):
-            name = "--service-token" if arg.startswith("--service-token") else "--provider-key"
-            alternative = "--service-tokens-file" if name == "--service-token" else "--provider-key-file"
-            raise ConfigError(f"refusing {name} on the command line, where ps shows it: use {alternative}, "
-                              f"{ENV_PREFIX}{name[2:].upper().replace('-', '_')} or the config file")
-        value = arg.split("=", 1)[1] if arg.startswith("--redis=") else (
-            argv[i + 1] if arg in ("-r", "--redis") and i + 1 < len(argv) else "")
-        if _URL_PASSWORD.match(value):
-            raise ConfigError("refusing a Redis password on the command line, where ps shows it: "
-                              f"use --redis-password-file, {ENV_PREFIX}REDIS or the config file")
+        name, value = _option_and_value(argv, i, options)
+        if name in _SECRET_OPTIONS:
+            raise ConfigError(f"refusing {name} on the command line, where ps shows it: "
+                              f"use {_SECRET_OPTIONS[name][1]}")
+        if name in _URL_OPTIONS and _has_url_password(value):
+            _, what, alternative = _URL_OPTIONS[name]
+            raise ConfigError(f"refusing {what} in {name} on the command line, where ps shows it: "
+                              f"use {alternative}")
+        if _has_url_password(arg):  # any other place a URL with a password can hide
+            raise ConfigError("refusing a password in a URL on the command line, where ps shows it: "
+                              "use the environment or the config file")
 
 
 def setup_logging(level: str) -> None:

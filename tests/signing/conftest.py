@@ -24,6 +24,20 @@ def other_key():
 
 
 @pytest.fixture(scope="session")
+def image_key():
+    key = make_key("Image", image=True)
+    yield key
+    drop_key(key)
+
+
+@pytest.fixture(scope="session")
+def other_image_key():
+    key = make_key("Impostor", image=True)
+    yield key
+    drop_key(key)
+
+
+@pytest.fixture(scope="session")
 def protected_key():
     key = make_key("Protected", passphrase="correct horse")
     yield key
@@ -31,9 +45,9 @@ def protected_key():
 
 
 @pytest.fixture
-def release(tmp_path, release_key):
+def release(tmp_path, release_key, image_key):
     """An unsigned fake release in a temporary directory."""
-    rel = Release(str(tmp_path / "dist"), release_key, b"")
+    rel = Release(str(tmp_path / "dist"), release_key, b"", image_key)
     os.makedirs(rel.dir)
     for art in rel.artifacts:
         with open(art, "wb") as fh:

@@ -46,19 +46,22 @@ class Key:
     passphrase: str
 
 
-def make_key(name, passphrase=""):
-    """Generate a certify-only primary with a signing subkey in a new private home."""
+def make_key(name, passphrase="", image=False):
+    """Generate a certify-only primary with a signing subkey in a new private home, or with
+    ``image``, an image key: a primary that signs itself and has no subkey."""
     if shutil.which("gpg") is None:
         pytest.skip("gpg is not installed (make deps installs gnupg)")
     home = tempfile.mkdtemp(prefix="g", dir="/tmp")
     os.chmod(home, 0o700)
     _gpg(home, "--passphrase", passphrase, "--quick-generate-key",
-         f"{name} <{name.lower()}@example.invalid>", "ed25519", "cert", "never")
+         f"{name} <{name.lower()}@example.invalid>", "ed25519", "sign,cert" if image else "cert",
+         "never")
     out = _gpg(home, "--with-colons", "--list-keys", text=True).stdout
     primary = [ln.split(":")[9] for ln in out.splitlines() if ln.startswith("fpr:")][0]
-    _gpg(home, "--passphrase", passphrase, "--quick-add-key", primary, "ed25519", "sign", "never")
+    if not image:
+        _gpg(home, "--passphrase", passphrase, "--quick-add-key", primary, "ed25519", "sign", "never")
     out = _gpg(home, "--with-colons", "--list-keys", text=True).stdout
-    fprs = [ln.split(":")[9] for ln in out.splitlines() if ln.startswith("fpr:")]
+    fprs = [ln.split(":")[9] for ln in out.splitlines() if ln.startswith("fpr:")] + [""]
     files = tempfile.mkdtemp(prefix="k", dir="/tmp")
     public_file, secret_file = os.path.join(files, f"{primary}.asc"), os.path.join(files, "sec.asc")
     with open(public_file, "wb") as fh:
@@ -129,6 +132,7 @@ class Release:
     dir: str
     key: Key
     manifest: bytes
+    image_key: Key = None
 
     @property
     def artifacts(self):
@@ -155,6 +159,10 @@ class Release:
         return self.path(f"xcflushd-image-{IMAGE_TAG}.manifest")
 
     @property
+    def sigstore(self):
+        return self.path("sigstore")
+
+    @property
     def signature(self):
         return self.path(f"xcflushd-image-{IMAGE_TAG}.signature")
 
@@ -166,6 +174,9 @@ class Release:
             "KEY_FILE": self.key.public_file, "SECRET_KEY_FILE": self.key.secret_file,
             "GNUPGHOME": "", "TRUST_KEY_FILE": "1",
         }
+        if self.image_key:
+            values.update(IMAGE_KEY_ID=self.image_key.primary, IMAGE_KEY_FILE=self.image_key.public_file,
+                          IMAGE_SECRET_KEY_FILE=self.image_key.secret_file)
         values.update(extra)
         return [f"{k}={v}" for k, v in values.items()]
 

@@ -131,12 +131,34 @@ def test_truncated_image_signature(signed):
     assert "no complete OpenPGP signature" in line
 
 
-def test_image_signed_by_another_key(signed, other_key):
-    proc = run_make("sign-image", *signed.make_vars(KEY_ID=other_key.primary,
-                                                     SECRET_KEY_FILE=other_key.secret_file))
+def test_image_signed_by_another_key(signed, other_image_key):
+    proc = run_make("sign-image", *signed.make_vars(IMAGE_KEY_ID=other_image_key.primary,
+                                                     IMAGE_SECRET_KEY_FILE=other_image_key.secret_file))
     assert proc.returncode == 0, proc.stderr
     line = _fail_line(_verify(signed, "verify-image"), signed.image_dir)
-    assert f"not by the pinned key {signed.key.primary}" in line
+    assert f"not by the pinned key {signed.image_key.primary}" in line
+
+
+def test_image_signed_by_a_subkey_is_refused_as_podman_does(signed):
+    """A subkey signature is cryptographically fine, but no Debian 12 podman accepts it."""
+    payload = atomic.build(digest_of(signed.manifest), REFERENCE, "test", 0)
+    _write(signed.signature, _sign_payload(signed.key, payload, binary=True, clearsign=False))
+    out = _verify(signed, "verify-image", IMAGE_KEY_ID=signed.key.primary, IMAGE_KEY_FILE=signed.key.public_file)
+    line = _fail_line(out, signed.image_dir)
+    assert f"signed by subkey {signed.key.subkey} of {signed.key.primary}" in line
+
+
+def test_signing_the_image_with_a_certify_only_primary_fails_clearly(release):
+    proc = run_make("sign-image", *release.make_vars(IMAGE_KEY_ID=release.key.primary,
+                                                      IMAGE_SECRET_KEY_FILE=release.key.secret_file))
+    assert proc.returncode != 0
+    assert f"did not sign the image with the primary key {release.key.primary}" in proc.stderr
+
+
+def test_lookaside_copy_that_differs_is_refused(signed):
+    (path,) = [os.path.join(d, f) for d, _, fs in os.walk(signed.sigstore) for f in fs]
+    _write(path, _read(path) + b"x")
+    assert "differs from" in _fail_line(_verify(signed, "verify-image"), "signature-1")
 
 
 @pytest.mark.parametrize("kind, options", [
@@ -145,24 +167,24 @@ def test_image_signed_by_another_key(signed, other_key):
 ])
 def test_armored_or_clearsigned_image_signature(signed, kind, options):
     payload = atomic.build(digest_of(signed.manifest), REFERENCE, "test", 0)
-    _write(signed.signature, _sign_payload(signed.key, payload, **options))
+    _write(signed.signature, _sign_payload(signed.image_key, payload, **options))
     line = _fail_line(_verify(signed, "verify-image"), signed.image_dir)
     assert f"format is '{kind}'" in line
 
 
 def test_detached_image_signature(signed):
     payload = atomic.build(digest_of(signed.manifest), REFERENCE, "test", 0)
-    _write(signed.signature, _sign_payload(signed.key, payload, binary=True, detach=True))
+    _write(signed.signature, _sign_payload(signed.image_key, payload, binary=True, detach=True))
     line = _fail_line(_verify(signed, "verify-image"), signed.image_dir)
     assert "format is 'binary detached signature'" in line
 
 
 def test_signature_over_another_manifest(signed):
     try:
-        imagesig.sign(open_gpg(signed.key.home), b'{"schemaVersion":2}', REFERENCE,
-                      signed.key.primary, signed.signature)
+        imagesig.sign(open_gpg(signed.image_key.home), b'{"schemaVersion":2}', REFERENCE,
+                      signed.image_key.primary, signed.signature)
     finally:
-        stop_agent(signed.key.home)
+        stop_agent(signed.image_key.home)
     line = _fail_line(_verify(signed, "verify-image"), signed.image_dir)
     assert "signed manifest digest" in line
 
@@ -198,7 +220,7 @@ def test_unknown_critical_member_is_rejected(signed):
     doc = json.loads(atomic.build(digest_of(signed.manifest), REFERENCE, "test", 0))
     doc["critical"]["surprise"] = True
     _write(signed.signature,
-           _sign_payload(signed.key, json.dumps(doc).encode(), binary=True, clearsign=False))
+           _sign_payload(signed.image_key, json.dumps(doc).encode(), binary=True, clearsign=False))
     line = _fail_line(_verify(signed, "verify-image"), signed.image_dir)
     assert "expected exactly" in line
 

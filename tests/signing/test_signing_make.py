@@ -5,6 +5,8 @@ import subprocess
 
 from signing_helpers import REFERENCE, REPO, run_make
 
+from signing.gpghome import private_home, stop_agent
+
 VARIABLES = ("TAG", "REL", "KEY_ID", "KEY_FILE", "TRUST_KEY_FILE", "GNUPGHOME", "MANIFEST",
              "SIGNATURE", "TARGET_IMAGE", "SUMS", "SUMS_SIGNATURE", "ARTIFACTS", "IMAGE_DIR",
              "SECRET_KEY_FILE", "PASSPHRASE_FILE", "FETCH_KEY", "KEYSERVER", "IMAGE_CACHE")
@@ -45,9 +47,10 @@ def test_sign_then_verify_passes_with_one_line_per_artifact(signed):
     proc = run_make("verify", *signed.make_vars())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     passes = [ln for ln in proc.stdout.splitlines() if ln.startswith("PASS")]
-    assert len(passes) == 4, proc.stdout  # SHA256SUMS.asc, two artifacts, the image
+    assert len(passes) == 5, proc.stdout  # SHA256SUMS.asc, two artifacts, the image, its lookaside copy
     assert any(signed.image_dir in ln and REFERENCE in ln for ln in passes)
-    assert signed.key.subkey in proc.stdout  # the signing subkey made the signatures
+    assert signed.key.subkey in passes[0]  # the signing subkey made the sums signature ...
+    assert f"signed by the primary key {signed.image_key.primary}" in passes[3]  # ... a primary the image's
     assert "FAIL" not in proc.stdout and "Signature verification OK" in proc.stdout
 
 
@@ -64,9 +67,14 @@ def test_the_sums_signature_is_what_gpg_verifies(signed):
 
 
 def test_verify_with_the_key_from_a_keyring(signed):
-    proc = run_make("verify", *signed.make_vars(TRUST_KEY_FILE="0", GNUPGHOME=signed.key.home))
+    with private_home() as home:  # an operator's keyring: both public keys imported
+        for key in (signed.key, signed.image_key):
+            subprocess.run(["gpg", "--homedir", home, "--batch", "-q", "--import", key.public_file],
+                           check=True, capture_output=True)
+        stop_agent(home)
+        proc = run_make("verify", *signed.make_vars(TRUST_KEY_FILE="0", GNUPGHOME=home))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"keyring {signed.key.home}" not in proc.stdout  # the keyring is only read
+    assert f"keyring {home}" not in proc.stdout  # the keyring is only read
 
 
 def test_sign_with_the_secret_key_from_a_keyring(release):
