@@ -6,6 +6,7 @@ or ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``), never echoed.
 """
 
 import dataclasses
+import ipaddress
 import os
 import re
 import urllib.parse
@@ -35,6 +36,7 @@ class Settings:
     read_timeout: float
     max_term_wait: float
     log_level: str
+    metrics_listen: Optional[Tuple[str, int]] = None  # (host, port); None: no /metrics
     backend_proxy: Optional[str] = dataclasses.field(default=None, repr=False)
     provider_key: Optional[str] = dataclasses.field(default=None, repr=False)
     service_tokens: Dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
@@ -145,6 +147,46 @@ def parse_proxy(value: Optional[str]) -> Optional[str]:
     return str(value)
 
 
+_HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?")
+
+
+def parse_listen(value: Optional[str], name: str = "metrics-listen") -> Optional[Tuple[str, int]]:
+    """``HOST:PORT`` or ``[IPv6]:PORT`` -> (host, port); empty -> None (disabled)."""
+    text = "" if value is None else str(value).strip()
+    if not text:
+        return None
+    shown = text if len(text) <= 40 else text[:40] + "..."
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise ConfigError(f"--{name}: expected [IPv6]:PORT, got {shown!r}")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"--{name}: not an IPv6 address in {shown!r}") from None
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep or not host:
+            raise ConfigError(f"--{name}: expected HOST:PORT (e.g. 127.0.0.1:9422), got {shown!r}")
+        if ":" in host:
+            raise ConfigError(f"--{name}: write an IPv6 address in brackets, [{host}]:{port}")
+        if not _HOSTNAME.fullmatch(host):
+            raise ConfigError(f"--{name}: not a host name or address in {shown!r}")
+    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigError(f"--{name}: port must be 1-65535, got {shown!r}")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this node can reach ``host`` (names other than localhost count as reachable)."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def read_secret(path: str, what: str) -> str:
     try:
         with open(path, encoding="utf-8") as fh:
@@ -216,7 +258,7 @@ def build_settings(options, environ: Mapping[str, str] = os.environ) -> Settings
     if level not in LOG_LEVELS:
         raise ConfigError(f"--log-level: expected one of {', '.join(LOG_LEVELS)}, got {options.log_level!r}")
     provider_key, tokens, password = _secrets(options, environ)
-    if not provider_key and not tokens and options.command != "status":
+    if not provider_key and not tokens and options.command not in ("status", "dead-letter"):
         raise ConfigError("no backend credentials: give --provider-key-file (or XCFLUSHD_PROVIDER_KEY, "
                           "provider-key in the config file) or service tokens")
     return Settings(
@@ -233,6 +275,7 @@ def build_settings(options, environ: Mapping[str, str] = os.environ) -> Settings
         read_timeout=_positive("backend-read-timeout", options.backend_read_timeout, integer=False),
         max_term_wait=_positive("max-term-wait", options.max_term_wait, integer=False),
         log_level=level,
+        metrics_listen=parse_listen(options.metrics_listen),
         backend_proxy=parse_proxy(options.backend_proxy),
         provider_key=provider_key,
         service_tokens=tokens,

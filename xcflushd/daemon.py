@@ -18,9 +18,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping, Optional
 
-from . import __version__, defaults, metrics
+from . import __version__, defaults, exporter, metrics
 from .backend import ServiceCredentials, make_client
 from .config import Settings
+from .errors import ConfigError
 from .flusher import Flusher, FlushResult, FlushSettings
 from .heartbeat import Heartbeat, cycle_result
 from .notify import Notifier
@@ -54,6 +55,8 @@ class Daemon:
             auth_ttl=s.auth_ttl, report_auth_wait=s.report_auth_wait, batch_size=s.report_batch_size,
             concurrency=s.threads), self.stop)
         self.heartbeat = Heartbeat(self.redis, s.frequency, self.stop)
+        self.backlog = exporter.BacklogWatch(self.redis, self.stop, defaults.BACKLOG_INTERVAL)
+        self.metrics_server = None
 
     # ---- one cycle -------------------------------------------------------------
 
@@ -79,6 +82,7 @@ class Daemon:
         # A wedged thread is killed by systemd's watchdog with SIGABRT: leave
         # every thread's stack in the journal to say where it hung.
         faulthandler.enable()
+        self._serve_metrics()
         log.info("xcflushd %s starting: redis=%s backend=%s frequency=%ss auth_ttl=%ss threads=%d prio_threads=%d",
                  __version__, s.redis_display, s.backend_url, s.frequency, s.auth_ttl, s.threads, s.prio_threads)
         self.prio_pool = ThreadPoolExecutor(s.prio_threads, thread_name_prefix="prio")
@@ -91,14 +95,28 @@ class Daemon:
             log.info("ready: priority auth channel subscribed, flushing every %ss; heartbeat %s",
                      s.frequency, self.heartbeat.key)
             self.heartbeat.start()
+            self.backlog.start()
             self.scheduler.start()
             self._supervise()
         return self._shutdown()
+
+    def _serve_metrics(self) -> None:
+        """Bind ``/metrics`` first: a busy address stops the start (exit 2) before anything runs."""
+        metrics.flush_frequency(self.settings.frequency)
+        if self.settings.metrics_listen is None:
+            log.info("metrics: disabled (--metrics-listen is empty)")
+            return
+        try:
+            self.metrics_server = exporter.serve(self.settings.metrics_listen)
+        except ConfigError:
+            self._close()
+            raise
 
     def _wait_for_redis(self) -> bool:
         announced = False
         while not self.stop.is_set():
             if self.renewer.subscribed.wait(0.5):
+                metrics.redis_up(True)
                 return True
             if not announced:
                 status = f"waiting for Redis at {self.settings.redis_display}"
@@ -114,6 +132,7 @@ class Daemon:
             if interval and self._healthy(2 * interval):
                 self.notifier.watchdog()
             redis_up = self.renewer.subscribed.is_set()
+            metrics.redis_up(redis_up)
             if redis_up != redis_was_up:
                 redis_was_up = redis_up
                 self.notifier.status(self._status() if redis_up else
@@ -129,7 +148,9 @@ class Daemon:
         self.last_result = result
         self._log_result(result)
         self.heartbeat.cycle_ended(result)
-        metrics.flush_cycle(cycle_result(result), result.phases, result.hits, result.finished_at)
+        metrics.flush_cycle(cycle_result(result), result.phases, result.hits, result.finished_at,
+                            delivered_all=result.ok)
+        self.backlog.poke()
         self.notifier.status(self._status())
 
     def _status(self) -> str:
@@ -179,6 +200,9 @@ class Daemon:
         self.renewer.join(timeout=2.0)
         self.prio_pool.shutdown(wait=False, cancel_futures=True)
         self.heartbeat.clear()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
         self._close()
         log.info("stopped")
         return 0

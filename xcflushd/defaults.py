@@ -14,6 +14,8 @@ PRIO_THREADS = 8                # priority-renewer HTTP concurrency
 BACKEND_CONNECT_TIMEOUT = 5
 BACKEND_READ_TIMEOUT = 10
 MAX_TERM_WAIT = 30              # graceful stop budget after SIGTERM
+METRICS_LISTEN = "127.0.0.1:9422"  # /metrics; 9421 is APIcast's on the same node
+BACKLOG_INTERVAL = 30           # seconds between counts of what waits in Redis, for the metrics
 
 REDIS_CHUNK = 1000              # keys per pipelined Redis round trip
 LEASE_TTL = 60                  # a cycle's claim on its hand-over keys; renewed while it works

@@ -27,7 +27,7 @@ import urllib.parse
 import urllib.request
 from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
 
-from . import __version__
+from . import __version__, metrics
 from .defaults import MAX_RESPONSE_BYTES
 from .errors import BackendUnavailable
 
@@ -176,6 +176,18 @@ def _proxy_for(backend: urllib.parse.SplitResult, proxy_url: Optional[str]) -> O
     return urllib.parse.urlsplit(env_proxy) if env_proxy else None
 
 
+_ENDPOINTS = {"/transactions/authorize.xml": "authorize", "/transactions/oauth_authorize.xml": "oauth_authorize",
+              "/transactions.xml": "report"}
+
+
+def _metered(path: str, outcome, started: float) -> None:
+    """Count one finished backend call (xcflushd_backend_requests_total)."""
+    endpoint = _ENDPOINTS.get(path)
+    if endpoint is not None:
+        metrics.backend_call(endpoint, outcome.status if isinstance(outcome, Response) else None,
+                             time.monotonic() - started)
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return "timed out"
@@ -287,6 +299,16 @@ class Transport:
 
     def request(self, req: Request) -> Response:
         """One call on this thread's keep-alive connection; raises BackendUnavailable."""
+        started = time.monotonic()
+        try:
+            response = self._request(req)
+        except BackendUnavailable as exc:
+            _metered(req.path, exc, started)
+            raise
+        _metered(req.path, response, started)
+        return response
+
+    def _request(self, req: Request) -> Response:
         for attempt in (1, 2):
             sock = getattr(self._local, "sock", None)
             reused = sock is not None
@@ -332,6 +354,22 @@ class Transport:
     def request_many(self, requests: Iterable[Tuple[Any, Request]], concurrency: int,
                      max_weight: Optional[int] = None, on_idle: Optional[Callable[[], None]] = None
                      ) -> Iterator[Tuple[Any, Union[Response, BackendUnavailable]]]:
+        """``_request_many``, each call counted in the metrics as it finishes."""
+        def timed():
+            for tag, req in requests:
+                yield (tag, req.path, time.monotonic()), req  # taken when the call starts
+
+        calls = self._request_many(timed(), concurrency, max_weight, on_idle)
+        try:
+            for (tag, path, started), outcome in calls:
+                _metered(path, outcome, started)
+                yield tag, outcome
+        finally:
+            calls.close()
+
+    def _request_many(self, requests: Iterable[Tuple[Any, Request]], concurrency: int,
+                      max_weight: Optional[int] = None, on_idle: Optional[Callable[[], None]] = None
+                      ) -> Iterator[Tuple[Any, Union[Response, BackendUnavailable]]]:
         """Run calls concurrently from this thread; yield ``(tag, response or error)`` as they finish.
 
         At most ``concurrency`` calls are in flight, and, when ``max_weight``

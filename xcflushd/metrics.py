@@ -46,6 +46,8 @@ priority_response = Histogram("xcflushd_priority_response_seconds",
                               "Priority request received -> answer published", buckets=_PRIORITY_BUCKETS)
 redis_up_gauge = Gauge("xcflushd_redis_up", "1 if the last Redis command got an answer, else 0")
 backend_up_gauge = Gauge("xcflushd_backend_up", "1 if the last backend call got a well-framed answer below 500")
+flush_frequency_gauge = Gauge("xcflushd_flush_frequency_seconds",
+                              "Configured seconds between flush cycles (--frequency): alerts measure staleness in it")
 build_info = Gauge("xcflushd_build_info", "Always 1; the version in a label", ["version"])
 build_info.labels(__version__).set(1)
 
@@ -90,18 +92,28 @@ def redis_up(up: bool) -> None:
     redis_up_gauge.set(1 if up else 0)
 
 
-def flush_cycle(result: str, phases=None, hits: int = 0, finished_at: Optional[float] = None) -> None:
-    """A flush cycle ended with ``result`` (ok, partial or failed)."""
+def flush_cycle(result: str, phases=None, hits: int = 0, finished_at: Optional[float] = None,
+                delivered_all: Optional[bool] = None) -> None:
+    """A flush cycle ended with ``result`` (ok, partial or failed).
+
+    ``delivered_all`` (default: result is ok) moves the last-success time: a
+    cycle that delivered every report but failed to renew some authorization
+    is partial, yet flushing is not stalled.
+    """
     try:
         flush_cycles.labels(result).inc()
         for phase, seconds in (phases or {}).items():
             flush_phase.labels(phase).observe(seconds)
         if hits:
             hits_reported.inc(hits)
-        if result == "ok" and finished_at:
+        if (result == "ok" if delivered_all is None else delivered_all) and finished_at:
             last_flush_success.set(finished_at)
     except Exception as exc:
         log.debug("metrics: %s", exc)
+
+
+def flush_frequency(seconds: float) -> None:
+    flush_frequency_gauge.set(seconds)
 
 
 def backlog(pending: Optional[int] = None, dead_letters: Optional[int] = None) -> None:

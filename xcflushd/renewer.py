@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 
 import redis
 
+from . import metrics
 from .authorizer import authorizations
 from .backend import BackendClient
 from .defaults import AUTH_REQUESTS_CHANNEL, PUBLISH_RETRY_DELAYS
@@ -131,23 +132,27 @@ class PriorityRenewer:
             request = parse_auth_request(raw)
         except MalformedKey as exc:
             self._bad.warning("malformed auth request skipped: %s", exc)
+            metrics.priority_request("dropped")
             return
+        received = time.monotonic()
         with self._lock:
             waiting = self._in_flight.get(request.dedup_key)
             if waiting is not None:
                 if all(w.raw != request.raw for w in waiting):
                     waiting.append(request)
+                metrics.priority_request("deduplicated")
                 return
             self._in_flight[request.dedup_key] = [request]
         try:
-            self.executor.submit(self._renew, request.dedup_key)
+            self.executor.submit(self._renew, request.dedup_key, received)
         except RuntimeError:  # executor shut down: we are stopping
             with self._lock:
                 self._in_flight.pop(request.dedup_key, None)
+            metrics.priority_request("dropped")
 
     # ---- pool threads ------------------------------------------------------
 
-    def _renew(self, key: Tuple) -> None:
+    def _renew(self, key: Tuple, received: float) -> None:
         service_id, creds, metric = key
         values = None
         try:
@@ -162,6 +167,7 @@ class PriorityRenewer:
         with self._lock:
             waiting = self._in_flight.pop(key, [])
         if values is None:
+            metrics.priority_request("failed")
             return
         auths = {w.auth_key: values for w in waiting}
         answers = [(w.response_channel, values[metric]) for w in waiting]
@@ -169,9 +175,12 @@ class PriorityRenewer:
             try:
                 # One round trip: cache, then answer (the gateway reads the cache next).
                 self.storage.cache_and_answer(auths, answers, self.auth_ttl)
+                metrics.priority_request("authorized" if values[metric] == "1" else "denied",
+                                         time.monotonic() - received)
                 return
             except StorageUnavailable as exc:
                 if delay is None:
                     log.warning("could not cache and publish a priority authorization: %s", exc)
+                    metrics.priority_request("failed")
                     return
                 time.sleep(delay)

@@ -117,6 +117,7 @@ class Daemon:
         self.log_path = log_path
         base = {k: v for k, v in os.environ.items()
                 if k in ("PATH", "LANG", "LC_ALL", "HOME", "PYTHONPATH", "VIRTUAL_ENV")}
+        base["XCFLUSHD_METRICS_LISTEN"] = f"127.0.0.1:{free_port()}"  # not the default 9422: daemons run at once
         with open(log_path, "w") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "xcflushd", "run", *args], cwd=log_path.parent,
                                          stdout=log, stderr=subprocess.STDOUT, env={**base, **env})
