@@ -83,7 +83,7 @@ def build_parser(config_files: Optional[List[str]] = None) -> configargparse.Arg
     p.add_argument("-f", "--frequency", default=defaults.FREQUENCY, help="seconds between flush cycles")
     p.add_argument("-t", "--threads", default=str(defaults.THREADS), help="flush HTTP concurrency: N or min:max")
     p.add_argument("-p", "--prio-threads", default=str(defaults.PRIO_THREADS),
-                   help="priority-auth HTTP concurrency: N or min:max")
+                   help="priority authorizations in flight at once: N or min:max (max is used)")
     p.add_argument("--secure", dest="secure", action="store_const", const=True, default=None,
                    help="talk HTTPS to the backend (default unless the URL says http://)")
     p.add_argument("--no-secure", dest="secure", action="store_const", const=False, help="talk plain HTTP")
@@ -91,7 +91,12 @@ def build_parser(config_files: Optional[List[str]] = None) -> configargparse.Arg
                    help="seconds between reporting and authorizing (the backend applies reports asynchronously)")
     p.add_argument("--report-batch-size", default=defaults.REPORT_BATCH_SIZE,
                    help="transactions per report call (1 disables batching)")
-    p.add_argument("--backend-proxy", metavar="URL", help="HTTP proxy for backend calls (user:pass@ allowed)")
+    p.add_argument("--backend-proxy", metavar="URL",
+                   help="http:// or https:// proxy for backend calls, [user@]host:port (Basic, Digest or NTLM); "
+                        "a password only from the environment, the config file or --backend-proxy-password-file")
+    p.add_argument("--backend-proxy-password-file", metavar="FILE", help="file holding the proxy password")
+    p.add_argument("--backend-ca-file", metavar="FILE",
+                   help="PEM CA bundle to verify the backend (and an https:// proxy) instead of the system store")
     p.add_argument("--backend-connect-timeout", default=defaults.BACKEND_CONNECT_TIMEOUT, help="seconds")
     p.add_argument("--backend-read-timeout", default=defaults.BACKEND_READ_TIMEOUT, help="seconds")
     p.add_argument("--max-term-wait", default=defaults.MAX_TERM_WAIT,

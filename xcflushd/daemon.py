@@ -2,10 +2,10 @@
 
 Threads: the main thread handles signals and feeds the systemd watchdog; the
 scheduler thread runs flush cycles; the listener thread takes priority auth
-requests; two pools make the backend calls. The watchdog is fed only while
-the scheduler and the listener both show life, so a wedged thread gets the
-service restarted, while a Redis or backend outage (threads alive, retrying)
-does not.
+requests and the answerer publishes their answers; the backend engine thread
+makes every backend call. The watchdog is fed only while all of them show
+life, so a wedged thread gets the service restarted, while a Redis or backend
+outage (threads alive, retrying) does not.
 """
 
 import faulthandler
@@ -15,7 +15,6 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping, Optional
 
 from . import __version__, defaults, exporter, metrics
@@ -31,10 +30,6 @@ from .storage import Storage, connect
 
 log = logging.getLogger(__name__)
 
-#: Test hook: "scheduler" or "listener" makes that thread hang, to prove the watchdog.
-WEDGE_ENV = "XCFLUSHD_TEST_WEDGE"
-
-
 def _clock(ts: Optional[float]) -> str:
     return time.strftime("%H:%M:%SZ", time.gmtime(ts)) if ts else "-"
 
@@ -44,13 +39,17 @@ class Daemon:
         self.settings = settings
         self.stop = threading.Event()
         self.notifier = Notifier(environ)
-        self.wedge = environ.get(WEDGE_ENV, "")
         self.last_result: Optional[FlushResult] = None
         s = settings
-        self.redis = connect(s.redis_url, s.redis_password, pool_size=s.prio_threads + 8)
+        # Redis clients: the listener, the answerer, the scheduler, the heartbeat, and spares.
+        self.redis = connect(s.redis_url, s.redis_password, pool_size=16)
         self.storage = Storage(self.redis)
         self.backend = make_client(s.backend_url, ServiceCredentials(s.provider_key, s.service_tokens),
-                                   s.connect_timeout, s.read_timeout, s.backend_proxy)
+                                   s.connect_timeout, s.read_timeout, s.backend_proxy,
+                                   proxy_user=s.backend_proxy_user, proxy_password=s.backend_proxy_password,
+                                   ca_file=s.backend_ca_file, priority_concurrency=s.prio_threads,
+                                   priority_queue=defaults.PRIO_QUEUE,
+                                   max_connections=s.threads + s.prio_threads + 8)
         self.flusher = Flusher(self.storage, self.backend, FlushSettings(
             auth_ttl=s.auth_ttl, report_auth_wait=s.report_auth_wait, batch_size=s.report_batch_size,
             concurrency=s.threads), self.stop)
@@ -85,11 +84,10 @@ class Daemon:
         self._serve_metrics()
         log.info("xcflushd %s starting: redis=%s backend=%s frequency=%ss auth_ttl=%ss threads=%d prio_threads=%d",
                  __version__, s.redis_display, s.backend_url, s.frequency, s.auth_ttl, s.threads, s.prio_threads)
-        self.prio_pool = ThreadPoolExecutor(s.prio_threads, thread_name_prefix="prio")
-        self.renewer = PriorityRenewer(self.redis, self.storage, self.backend, self.prio_pool, s.auth_ttl,
-                                       self.stop, wedge=self.wedge == "listener").start()
+        self.backend.transport.start()
+        self.renewer = PriorityRenewer(self.redis, self.storage, self.backend, s.auth_ttl, self.stop).start()
         self.scheduler = Scheduler(self.flusher.flush_once, s.frequency, self.stop, defaults.RECOVERY_INTERVAL,
-                                   on_result=self._on_result, wedge=self.wedge == "scheduler")
+                                   on_result=self._on_result)
         if self._wait_for_redis():
             self.notifier.ready(f"ready; first flush now, then every {s.frequency}s")
             log.info("ready: priority auth channel subscribed, flushing every %ss; heartbeat %s",
@@ -141,8 +139,10 @@ class Daemon:
     def _healthy(self, window: float) -> bool:
         now = time.monotonic()
         scheduler_beat = max(self.scheduler.last_tick, self.flusher.last_progress)
+        engine = self.backend.transport
         return (self.scheduler.alive() and now - scheduler_beat < window
-                and self.renewer.alive() and now - self.renewer.last_beat < window)
+                and self.renewer.alive() and now - self.renewer.beat() < window
+                and engine.alive() and now - engine.last_beat < window)
 
     def _on_result(self, result: FlushResult) -> None:
         self.last_result = result
@@ -198,7 +198,6 @@ class Daemon:
                 os._exit(0)  # pool threads may sit in a backend call; the data is safe in Redis
             self.notifier.extend_timeout(min(left, 5.0) + 1.0)
         self.renewer.join(timeout=2.0)
-        self.prio_pool.shutdown(wait=False, cancel_futures=True)
         self.heartbeat.clear()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
