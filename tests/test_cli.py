@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import redis
 
 from xcflushd.cli import build_parser, main
 from xcflushd.config import build_settings
@@ -185,3 +186,64 @@ def test_version_and_bad_command_as_a_process():
     assert version.returncode == 0 and version.stdout.startswith("xcflushd ")
     bad = subprocess.run([sys.executable, "-m", "xcflushd", "explode"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
+
+
+# ---- check-config: the same reading as `run`, nothing contacted ------------------------
+
+
+@pytest.mark.parametrize("extra,message", BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_check_config_rejects_what_run_rejects(capsys, key_file, extra, message):
+    argv = (["--provider-key-file", key_file] if "--provider-key-file" not in extra else []) + extra
+    assert main(["run", *argv], environ={}) == 2
+    run_err = capsys.readouterr().err
+    assert main(["check-config", *argv], environ={}) == 2
+    captured = capsys.readouterr()
+    assert captured.err == run_err and captured.out == ""
+
+
+def test_check_config_ok_is_one_line_without_secrets(capsys, tmp_path, redis_server):
+    conf = tmp_path / "xcflushd.conf"
+    conf.write_text(f"redis = {redis_server.address}\nbackend = http://127.0.0.1:9\nfrequency = 7\n"
+                    "backend-proxy = http://proxyuser:proxy-pw@127.0.0.1:3128\n")
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "provider_key").write_text("pk-cred-secret\n")
+    (creds / "service_tokens").write_text("555=st-secret\n777=st-other\n")
+    (creds / "redis_password").write_text("redis-secret\n")
+    env = {"CREDENTIALS_DIRECTORY": str(creds)}
+    client = redis.Redis(port=redis_server.port)
+    connections = client.info("stats")["total_connections_received"]
+
+    assert main(["check-config", "-c", str(conf)], environ=env) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and out.count("\n") == 1 and out.startswith("config OK: "), out
+    assert f"redis redis://{redis_server.address}" in out and "backend http://127.0.0.1:9" in out
+    assert "frequency 7s" in out and "provider key, 2 service token(s), redis password, proxy password" in out
+    assert "backend proxy http://127.0.0.1:3128 (with a user name)" in out
+    for secret in ("pk-cred-secret", "st-secret", "st-other", "redis-secret", "proxy-pw", "proxyuser"):
+        assert secret not in out
+    # Touched nothing: no connection but our own (kept in the client's pool) ever reached Redis.
+    assert client.info("stats")["total_connections_received"] == connections
+
+
+@pytest.mark.parametrize("content,message", [
+    ("frequency = 5m\n", "--frequency: expected a whole number, got '5m'"),
+    ("frequency = 1000\nauth-ttl = 10\n", "must not exceed --auth-ttl"),
+    ("nonsense-key = 1\n", "unrecognized arguments"),
+])
+def test_check_config_of_a_bad_file_as_a_process(tmp_path, key_file, content, message):
+    conf = tmp_path / "candidate.conf"
+    conf.write_text(content)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XCFLUSHD_")}
+    proc = subprocess.run([sys.executable, "-m", "xcflushd", "check-config", "-c", str(conf),
+                           "--provider-key-file", key_file], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and proc.stdout == "", proc
+    assert proc.stderr.startswith("xcflushd: error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert message in proc.stderr
+
+
+def test_check_config_without_credentials_fails_like_run(capsys, tmp_path):
+    conf = tmp_path / "xcflushd.conf"
+    conf.write_text("frequency = 5\n")
+    assert main(["check-config", "-c", str(conf)], environ={}) == 2
+    assert "no backend credentials" in capsys.readouterr().err

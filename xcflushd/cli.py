@@ -3,6 +3,7 @@
 ``xcflushd run`` runs the daemon; ``xcflushd flush`` runs one flush cycle;
 ``xcflushd status`` reports on the daemons and the backlog in Redis;
 ``xcflushd dead-letter`` lists, requeues or drops the reports set aside.
+``xcflushd check-config`` validates what ``run`` would read and touches nothing.
 Every option can also come from the config file (``key = value``, keys are the
 long option names) and from ``XCFLUSHD_<NAME>`` environment variables;
 flags win over the environment, the environment over the file.
@@ -17,7 +18,7 @@ from typing import List, Optional, Tuple
 import configargparse
 
 from . import __version__, defaults
-from .config import build_settings
+from .config import build_settings, redact_url
 from .errors import ConfigError
 
 ENV_PREFIX = "XCFLUSHD_"
@@ -64,8 +65,9 @@ def build_parser(config_files: Optional[List[str]] = None) -> configargparse.Arg
         args_for_setting_config_path=["-c", "--config"],
         config_arg_help_message=f"config file (default {defaults.CONFIG_FILE} when it exists)",
     )
-    p.add_argument("command", choices=("run", "flush", "status", "dead-letter"),
-                   help="run: the daemon; flush: one flush cycle, then exit; status: daemons and backlog "
+    p.add_argument("command", choices=("run", "flush", "check-config", "status", "dead-letter"),
+                   help="run: the daemon; flush: one flush cycle, then exit; check-config: validate flags, "
+                        "environment, config file and secrets, then exit; status: daemons and backlog "
                         "(exit 0 healthy, 1 degraded, 2 Redis unreachable); "
                         "dead-letter list | requeue ID... | drop ID...: the reports set aside")
     p.add_argument("arguments", nargs="*", metavar="ARG", help="dead-letter: list, requeue or drop, then entry ids")
@@ -154,6 +156,25 @@ def refuse_visible_secrets(argv: List[str], options=None) -> None:
                               "use the environment or the config file")
 
 
+def describe(settings) -> str:
+    """One line on what a configuration amounts to; never a secret (check-config prints it)."""
+    credentials = []
+    if settings.provider_key:
+        credentials.append("provider key")
+    if settings.service_tokens:
+        credentials.append(f"{len(settings.service_tokens)} service token(s)")
+    if settings.redis_password:
+        credentials.append("redis password")
+    if settings.backend_proxy_password:
+        credentials.append("proxy password")
+    proxy = f", backend proxy {redact_url(settings.backend_proxy)}" if settings.backend_proxy else ""
+    if settings.backend_proxy and settings.backend_proxy_user:
+        proxy += " (with a user name)"
+    return (f"redis {settings.redis_display}, backend {settings.backend_url}{proxy}, "
+            f"frequency {settings.frequency}s, auth-ttl {settings.auth_ttl}s, "
+            f"credentials: {', '.join(credentials)}")
+
+
 def setup_logging(level: str) -> None:
     # Keys and messages from Redis may hold bytes that are not UTF-8 (kept as
     # surrogates): written raw they make a line the journal stores as a blob,
@@ -191,6 +212,9 @@ def main(argv: Optional[List[str]] = None, environ=None) -> int:
     if options.arguments:
         print(f"xcflushd: error: unexpected argument {options.arguments[0]!r}", file=sys.stderr)
         return 2
+    if settings.command == "check-config":  # nothing contacted, nothing written
+        print(f"config OK: {describe(settings)}")
+        return 0
     setup_logging(settings.log_level)
     if settings.command == "status":
         return _status(settings, options.json)
