@@ -227,7 +227,7 @@ def test_the_priority_path_answers_nothing_in_an_outage_and_recovers_by_itself(r
 
 def test_backend_calls_are_counted_exactly_on_both_paths(sim, r, redis_server, renewer_for):
     gateway = Gateway(r)
-    for i in range(40):
+    for _ in range(40):
         gateway.cache_report("555", Credentials({"app_id": "a1b2c3", "app_key": "s3cr3t"}), "hits")
     before = {e: backend_calls_recorded(e) for e in ("authorize", "report")}
     backend = make_client(sim.url, ServiceCredentials("pk-test"), 2, 5)

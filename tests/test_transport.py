@@ -12,8 +12,8 @@ import pytest
 
 from xcflushd.backend import ServiceCredentials, make_client
 from xcflushd.errors import BackendError, BackendUnavailable
-from xcflushd.transport import Engine
 from xcflushd.keys import Credentials
+from xcflushd.transport import Engine
 
 
 class ScriptedServer:

@@ -16,8 +16,8 @@ from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import fromstring
 
 from .errors import BackendError, BackendRejected, BackendUnavailable
-from .transport import Engine, Request, Response
 from .keys import Credentials
+from .transport import Engine, Request, Response
 
 log = logging.getLogger(__name__)
 

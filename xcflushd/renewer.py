@@ -73,7 +73,7 @@ class PriorityRenewer:
         # dedup key -> the requests waiting for that call, with the time each was received
         self._in_flight: Dict[Tuple, List[Tuple[AuthRequest, float]]] = {}
         self._lock = threading.Lock()
-        self._answers: "queue.SimpleQueue[Tuple[Tuple, object]]" = queue.SimpleQueue()
+        self._answers: queue.SimpleQueue[Tuple[Tuple, object]] = queue.SimpleQueue()
         self._bad = RateLimitedLog(log, "malformed auth requests")
         self._failed = RateLimitedLog(log, "failed priority authorizations")  # e.g. a flood for an unknown service
         self._dropped = RateLimitedLog(log, "dropped priority requests")
