@@ -4,7 +4,6 @@ renewer asks the backend once, caches the whole auth hash and answers."""
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis as redislib
@@ -23,21 +22,19 @@ A1 = Credentials({"app_id": "a1b2c3", "app_key": "s3cr3t", "referrer": "x.exampl
 def renewer_for(redis_server):
     started = []
 
-    def start(backend_url, redis_url=None, prio_threads=8):
+    def start(backend_url, redis_url=None, **transport_options):
         client = connect(redis_url or redis_server.url)
-        backend = make_client(backend_url, ServiceCredentials("pk-test"), 2, 5)
-        pool = ThreadPoolExecutor(prio_threads)
+        backend = make_client(backend_url, ServiceCredentials("pk-test"), 2, 5, **transport_options)
         stop = threading.Event()
-        renewer = PriorityRenewer(client, Storage(client), backend, pool, 600, stop).start()
+        renewer = PriorityRenewer(client, Storage(client), backend, 600, stop).start()
         assert renewer.subscribed.wait(5)
-        started.append((renewer, stop, pool, backend))
+        started.append((renewer, stop, backend))
         return renewer
 
     yield start
-    for renewer, stop, pool, backend in started:
+    for renewer, stop, backend in started:
         stop.set()
         renewer.join(5)
-        pool.shutdown()
         backend.close()
 
 

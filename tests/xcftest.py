@@ -104,7 +104,11 @@ class DaemonProcess:
         self.log_path = tempfile.mktemp(prefix="xcf-daemon-", suffix=".log")
         self.log = open(self.log_path, "w")
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("XCFLUSHD_")}
+        # /metrics on a free port: the default (9422) would collide between daemons run at once.
+        full_env["XCFLUSHD_METRICS_LISTEN"] = f"127.0.0.1:{free_port()}"
         full_env.update(env or {})
+        self.metrics_address = full_env.get("XCFLUSHD_METRICS_LISTEN")
+        full_env = {k: v for k, v in full_env.items() if v is not None}  # None: unset it
         self.proc = subprocess.Popen([sys.executable, "-m", "xcflushd", *args], stdout=self.log,
                                      stderr=subprocess.STDOUT, env=full_env, cwd=cwd)
 

@@ -2,7 +2,7 @@
 
 Builds the calls (parameters encoded once, decision 2; extensions
 ``hierarchy=1`` and ``rejection_reason_header=1``, decision 3), sends them
-through ``httpclient``, and turns answers into AuthStatus values or errors.
+through ``transport`` (libcurl), and turns answers into AuthStatus values or errors.
 Responses are parsed with defusedxml (no DTDs, so no entity expansion);
 anything that is not the API's XML fails that call only, never the daemon.
 """
@@ -16,8 +16,8 @@ from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import fromstring
 
 from .errors import BackendError, BackendRejected, BackendUnavailable
-from .httpclient import Request, Response, Transport
 from .keys import Credentials
+from .transport import Engine, Request, Response
 
 log = logging.getLogger(__name__)
 
@@ -157,12 +157,13 @@ def _warn_user_id_once():
 class BackendClient:
     """The calls xcflushd makes. Thread-safe; share one per process.
 
-    ``authorize`` blocks the calling thread (the priority path);
-    ``authorize_many``/``report_many`` run a flush cycle's calls multiplexed
-    from the calling thread and yield outcomes as they finish.
+    Every call runs on the transport's one engine. ``submit_authorize`` queues
+    a priority authorization (the renewer's path) and ``authorize`` waits for
+    one; ``authorize_many``/``report_many`` feed a flush cycle's calls from
+    the calling thread and yield outcomes as they finish.
     """
 
-    def __init__(self, transport: Transport, service_credentials: ServiceCredentials):
+    def __init__(self, transport: Engine, service_credentials: ServiceCredentials):
         self.transport = transport
         self.service_credentials = service_credentials
 
@@ -200,7 +201,25 @@ class BackendClient:
     # ---- one call ---------------------------------------------------------------
 
     def authorize(self, service_id: str, creds: Credentials) -> AuthStatus:
+        """One priority authorization, blocking the calling thread."""
         return parse_status(self.transport.request(self._authorize_request(service_id, creds)))
+
+    def submit_authorize(self, service_id: str, creds: Credentials,
+                         done: Callable[[Union[AuthStatus, BackendError]], None]) -> bool:
+        """Queue a priority authorization; ``done(status or error)`` runs on the engine thread.
+
+        False when the priority queue is full: no call is made and ``done`` never runs.
+        Raises BackendRejected (no credentials for that service) without queueing.
+        """
+        def finished(_tag, outcome):
+            if not isinstance(outcome, BackendError):
+                try:
+                    outcome = parse_status(outcome)
+                except BackendError as exc:
+                    outcome = exc
+            done(outcome)
+
+        return self.transport.submit_priority(self._authorize_request(service_id, creds), finished)
 
     # ---- many calls -------------------------------------------------------------
 
@@ -263,5 +282,7 @@ def transaction_params(i: int, creds: Credentials, usage: Dict[str, int]) -> Lis
 
 
 def make_client(url: str, service_credentials: ServiceCredentials, connect_timeout: float,
-                read_timeout: float, proxy_url: Optional[str] = None) -> BackendClient:
-    return BackendClient(Transport(url, connect_timeout, read_timeout, proxy_url), service_credentials)
+                read_timeout: float, proxy_url: Optional[str] = None, **transport_options) -> BackendClient:
+    """``transport_options``: proxy_user, proxy_password, ca_file, priority_concurrency, priority_queue."""
+    return BackendClient(Engine(url, connect_timeout, read_timeout, proxy_url, **transport_options),
+                         service_credentials)

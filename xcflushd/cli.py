@@ -1,6 +1,8 @@
 """Command line: the only module that parses arguments or exits.
 
-``xcflushd run`` runs the daemon; ``xcflushd flush`` runs one flush cycle.
+``xcflushd run`` runs the daemon; ``xcflushd flush`` runs one flush cycle;
+``xcflushd status`` reports on the daemons and the backlog in Redis;
+``xcflushd dead-letter`` lists, requeues or drops the reports set aside.
 Every option can also come from the config file (``key = value``, keys are the
 long option names) and from ``XCFLUSHD_<NAME>`` environment variables;
 flags win over the environment, the environment over the file.
@@ -62,7 +64,11 @@ def build_parser(config_files: Optional[List[str]] = None) -> configargparse.Arg
         args_for_setting_config_path=["-c", "--config"],
         config_arg_help_message=f"config file (default {defaults.CONFIG_FILE} when it exists)",
     )
-    p.add_argument("command", choices=("run", "flush"), help="run: the daemon; flush: one flush cycle, then exit")
+    p.add_argument("command", choices=("run", "flush", "status", "dead-letter"),
+                   help="run: the daemon; flush: one flush cycle, then exit; status: daemons and backlog "
+                        "(exit 0 healthy, 1 degraded, 2 Redis unreachable); "
+                        "dead-letter list | requeue ID... | drop ID...: the reports set aside")
+    p.add_argument("arguments", nargs="*", metavar="ARG", help="dead-letter: list, requeue or drop, then entry ids")
     p.add_argument("--version", action="version", version=f"xcflushd {__version__}")
     p.add_argument("-r", "--redis", default=f"localhost:{defaults.REDIS_PORT}",
                    help="host[:port], redis://[user:pass@]host:port/db, rediss://... (TLS) or unix:///path")
@@ -77,7 +83,7 @@ def build_parser(config_files: Optional[List[str]] = None) -> configargparse.Arg
     p.add_argument("-f", "--frequency", default=defaults.FREQUENCY, help="seconds between flush cycles")
     p.add_argument("-t", "--threads", default=str(defaults.THREADS), help="flush HTTP concurrency: N or min:max")
     p.add_argument("-p", "--prio-threads", default=str(defaults.PRIO_THREADS),
-                   help="priority-auth HTTP concurrency: N or min:max")
+                   help="priority authorizations in flight at once: N or min:max (max is used)")
     p.add_argument("--secure", dest="secure", action="store_const", const=True, default=None,
                    help="talk HTTPS to the backend (default unless the URL says http://)")
     p.add_argument("--no-secure", dest="secure", action="store_const", const=False, help="talk plain HTTP")
@@ -85,12 +91,23 @@ def build_parser(config_files: Optional[List[str]] = None) -> configargparse.Arg
                    help="seconds between reporting and authorizing (the backend applies reports asynchronously)")
     p.add_argument("--report-batch-size", default=defaults.REPORT_BATCH_SIZE,
                    help="transactions per report call (1 disables batching)")
-    p.add_argument("--backend-proxy", metavar="URL", help="HTTP proxy for backend calls (user:pass@ allowed)")
+    p.add_argument("--backend-proxy", metavar="URL",
+                   help="http:// or https:// proxy for backend calls, [user@]host:port (Basic, Digest or NTLM); "
+                        "a password only from the environment, the config file or --backend-proxy-password-file")
+    p.add_argument("--backend-proxy-password-file", metavar="FILE", help="file holding the proxy password")
+    p.add_argument("--backend-ca-file", metavar="FILE",
+                   help="PEM CA bundle to verify the backend (and an https:// proxy) instead of the system store")
     p.add_argument("--backend-connect-timeout", default=defaults.BACKEND_CONNECT_TIMEOUT, help="seconds")
     p.add_argument("--backend-read-timeout", default=defaults.BACKEND_READ_TIMEOUT, help="seconds")
     p.add_argument("--max-term-wait", default=defaults.MAX_TERM_WAIT,
                    help="seconds a graceful stop may take before in-flight usage is left in Redis")
     p.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    p.add_argument("--metrics-listen", default=defaults.METRICS_LISTEN, metavar="HOST:PORT",
+                   help="run: serve Prometheus /metrics here ([IPv6]:PORT for IPv6); empty disables it")
+    p.add_argument("--json", action="store_true",
+                   help="status, dead-letter list: print JSON")
+    p.add_argument("--all", action="store_true", help="dead-letter requeue/drop: every entry")
+    p.add_argument("--yes", action="store_true", help="dead-letter drop --all: really")
     return p
 
 
@@ -164,7 +181,19 @@ def main(argv: Optional[List[str]] = None, environ=None) -> int:
     except ConfigError as exc:
         print(f"xcflushd: error: {exc}", file=sys.stderr)
         return 2
+    if settings.command == "dead-letter":
+        try:
+            action, ids = _dead_letter_arguments(options)
+        except ConfigError as exc:
+            print(f"xcflushd: error: {exc}", file=sys.stderr)
+            return 2
+        return _dead_letter(settings, action, ids, options)
+    if options.arguments:
+        print(f"xcflushd: error: unexpected argument {options.arguments[0]!r}", file=sys.stderr)
+        return 2
     setup_logging(settings.log_level)
+    if settings.command == "status":
+        return _status(settings, options.json)
     from .daemon import Daemon  # after validation: a bad flag costs no imports
 
     daemon = Daemon(settings, environ)
@@ -173,6 +202,95 @@ def main(argv: Optional[List[str]] = None, environ=None) -> int:
     except ConfigError as exc:
         print(f"xcflushd: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _status(settings, as_json: bool) -> int:
+    import json
+
+    from . import status
+    from .storage import connect
+
+    client = connect(settings.redis_url, settings.redis_password, pool_size=2, timeout=5.0)
+    try:
+        document = status.collect(client)
+    finally:
+        client.close()
+    print(json.dumps(document, indent=2, sort_keys=True) if as_json else
+          status.render(document, settings.redis_display))
+    return status.exit_code(document)
+
+
+_DEAD_LETTER_ACTIONS = ("list", "requeue", "drop")
+
+
+def _dead_letter_arguments(options):
+    if not options.arguments or options.arguments[0] not in _DEAD_LETTER_ACTIONS:
+        raise ConfigError("dead-letter: expected list, requeue ID... or drop ID...")
+    action, ids = options.arguments[0], options.arguments[1:]
+    if action == "list" and (ids or options.all):
+        raise ConfigError("dead-letter list takes no entry ids")
+    if action != "list" and not ids and not options.all:
+        raise ConfigError(f"dead-letter {action}: name the entries (ids from `dead-letter list`) or give --all")
+    if ids and options.all:
+        raise ConfigError(f"dead-letter {action}: entry ids or --all, not both")
+    if action == "drop" and options.all and not options.yes:
+        raise ConfigError("dead-letter drop --all deletes every entry for good: add --yes")
+    return action, ids
+
+
+def _dead_letter(settings, action: str, ids: List[str], options) -> int:
+    """0: done; 1: some entry refused or already gone; 2: bad ids or Redis unreachable."""
+    import json
+
+    from . import deadletter
+    from .errors import StorageUnavailable
+    from .storage import connect
+
+    client = connect(settings.redis_url, settings.redis_password, pool_size=2, timeout=5.0)
+    try:
+        found = deadletter.entries(client)
+        if action == "list":
+            print(json.dumps([e.as_dict() for e in found], indent=2) if options.json else _render_entries(found))
+            return 0
+        try:
+            chosen = found if options.all else deadletter.select(found, ids)
+        except ValueError as exc:
+            print(f"xcflushd: error: dead-letter {action}: {exc}", file=sys.stderr)
+            return 2
+        status = 0
+        for entry in chosen:
+            outcome = deadletter.requeue(client, entry) if action == "requeue" else deadletter.drop(client, entry)
+            line = f"{entry.id} {outcome}"
+            if outcome == deadletter.GONE:
+                line += ": changed or taken by someone else since it was read"
+            elif outcome == deadletter.REFUSED:
+                line += ": " + deadletter.refusal_after(entry, outcome)
+            if outcome in (deadletter.GONE, deadletter.REFUSED):
+                status = 1
+            print(line)
+        if not chosen:
+            print("the dead letter is empty")
+        return status
+    except StorageUnavailable as exc:
+        print(f"xcflushd: error: Redis at {settings.redis_display} unreachable: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+
+
+def _render_entries(found) -> str:
+    if not found:
+        return "the dead letter is empty"
+    lines = []
+    for e in found:
+        usage = ",".join(f"{m}={v}" for m, v in sorted(e.usage.items())) or "-"
+        lines.append(f"{e.id}  {e.at or '-'}  service {e.service_id or '-'}  {e.credentials}  usage {usage}")
+        lines.append(f"    why: {e.reason or '-'}")
+        if e.refusal:
+            lines.append(f"    not requeueable: {e.refusal}")
+    lines.append(f"{len(found)} entr{'y' if len(found) == 1 else 'ies'}; "
+                 "`xcflushd dead-letter requeue ID...` retries them, `drop ID...` deletes them")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -6,17 +6,18 @@ or ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``), never echoed.
 """
 
 import dataclasses
+import ipaddress
 import os
 import re
 import urllib.parse
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, NamedTuple, Optional, Tuple
 
 from . import defaults
 from .errors import ConfigError
 
 #: Files read from ``$CREDENTIALS_DIRECTORY`` when present.
 CREDENTIAL_FILES = {"provider_key": "provider_key", "service_tokens": "service_tokens",
-                    "redis_password": "redis_password"}
+                    "redis_password": "redis_password", "backend_proxy_password": "backend_proxy_password"}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -35,7 +36,11 @@ class Settings:
     read_timeout: float
     max_term_wait: float
     log_level: str
-    backend_proxy: Optional[str] = dataclasses.field(default=None, repr=False)
+    metrics_listen: Optional[Tuple[str, int]] = None  # (host, port); None: no /metrics
+    backend_proxy: Optional[str] = None          # scheme://host:port, no credentials
+    backend_proxy_user: Optional[str] = None
+    backend_proxy_password: Optional[str] = dataclasses.field(default=None, repr=False)
+    backend_ca_file: Optional[str] = None
     provider_key: Optional[str] = dataclasses.field(default=None, repr=False)
     service_tokens: Dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
     redis_password: Optional[str] = dataclasses.field(default=None, repr=False)
@@ -132,17 +137,90 @@ def parse_backend(value: str, secure: Optional[bool]) -> str:
     return text
 
 
-def parse_proxy(value: Optional[str]) -> Optional[str]:
+class Proxy(NamedTuple):
+    url: Optional[str]            # scheme://host[:port], without credentials
+    user: Optional[str] = None
+    password: Optional[str] = None
+
+
+def parse_proxy(value: Optional[str], password_file: Optional[str] = None,
+                environ: Mapping[str, str] = os.environ) -> Proxy:
+    """``--backend-proxy`` (``user:pass@`` allowed from the environment or the config file) and
+    its password from ``--backend-proxy-password-file`` or the credential ``backend_proxy_password``."""
     if not value:
-        return None
-    parts = urllib.parse.urlsplit(str(value))
+        if password_file:
+            raise ConfigError("--backend-proxy-password-file: no --backend-proxy to use it with")
+        return Proxy(None)
+    text = str(value).strip()
+    parts = urllib.parse.urlsplit(text)
     try:
         _ = parts.port
     except ValueError:
-        raise ConfigError(f"--backend-proxy: bad port in {redact_url(value)!r}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"--backend-proxy: expected http://[user:pass@]host:port, got {redact_url(value)!r}")
-    return str(value)
+        raise ConfigError(f"--backend-proxy: bad port in {redact_url(text)!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") or parts.query:
+        raise ConfigError(f"--backend-proxy: expected http(s)://[user@]host:port, got {redact_url(text)!r}")
+    user = urllib.parse.unquote(parts.username) if parts.username else None
+    password = urllib.parse.unquote(parts.password) if parts.password is not None else None
+    source = password_file or _credential(environ, "backend_proxy_password")
+    if source:
+        what = "--backend-proxy-password-file" if password_file else "credential backend_proxy_password"
+        password = read_secret(source, what)
+        if user is None:
+            raise ConfigError(f"{what}: --backend-proxy has no user name (http://USER@host:port)")
+    return Proxy(f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}", user, password)
+
+
+def parse_ca_file(value: Optional[str]) -> Optional[str]:
+    if not value:
+        return None
+    try:
+        with open(value, "rb") as fh:
+            head = fh.read(65536)
+    except OSError as exc:
+        raise ConfigError(f"--backend-ca-file: cannot read {value}: {exc.strerror or type(exc).__name__}") from None
+    if b"-----BEGIN CERTIFICATE-----" not in head:
+        raise ConfigError(f"--backend-ca-file: {value} holds no PEM certificate")
+    return os.path.abspath(value)
+
+
+_HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?")
+
+
+def parse_listen(value: Optional[str], name: str = "metrics-listen") -> Optional[Tuple[str, int]]:
+    """``HOST:PORT`` or ``[IPv6]:PORT`` -> (host, port); empty -> None (disabled)."""
+    text = "" if value is None else str(value).strip()
+    if not text:
+        return None
+    shown = text if len(text) <= 40 else text[:40] + "..."
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise ConfigError(f"--{name}: expected [IPv6]:PORT, got {shown!r}")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"--{name}: not an IPv6 address in {shown!r}") from None
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep or not host:
+            raise ConfigError(f"--{name}: expected HOST:PORT (e.g. 127.0.0.1:9422), got {shown!r}")
+        if ":" in host:
+            raise ConfigError(f"--{name}: write an IPv6 address in brackets, [{host}]:{port}")
+        if not _HOSTNAME.fullmatch(host):
+            raise ConfigError(f"--{name}: not a host name or address in {shown!r}")
+    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigError(f"--{name}: port must be 1-65535, got {shown!r}")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this node can reach ``host`` (names other than localhost count as reachable)."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def read_secret(path: str, what: str) -> str:
@@ -216,7 +294,8 @@ def build_settings(options, environ: Mapping[str, str] = os.environ) -> Settings
     if level not in LOG_LEVELS:
         raise ConfigError(f"--log-level: expected one of {', '.join(LOG_LEVELS)}, got {options.log_level!r}")
     provider_key, tokens, password = _secrets(options, environ)
-    if not provider_key and not tokens:
+    proxy = parse_proxy(options.backend_proxy, options.backend_proxy_password_file, environ)
+    if not provider_key and not tokens and options.command not in ("status", "dead-letter"):
         raise ConfigError("no backend credentials: give --provider-key-file (or XCFLUSHD_PROVIDER_KEY, "
                           "provider-key in the config file) or service tokens")
     return Settings(
@@ -233,7 +312,11 @@ def build_settings(options, environ: Mapping[str, str] = os.environ) -> Settings
         read_timeout=_positive("backend-read-timeout", options.backend_read_timeout, integer=False),
         max_term_wait=_positive("max-term-wait", options.max_term_wait, integer=False),
         log_level=level,
-        backend_proxy=parse_proxy(options.backend_proxy),
+        metrics_listen=parse_listen(options.metrics_listen),
+        backend_proxy=proxy.url,
+        backend_proxy_user=proxy.user,
+        backend_proxy_password=proxy.password,
+        backend_ca_file=parse_ca_file(options.backend_ca_file),
         provider_key=provider_key,
         service_tokens=tokens,
         redis_password=password,

@@ -2,10 +2,10 @@
 
 Threads: the main thread handles signals and feeds the systemd watchdog; the
 scheduler thread runs flush cycles; the listener thread takes priority auth
-requests; two pools make the backend calls. The watchdog is fed only while
-the scheduler and the listener both show life, so a wedged thread gets the
-service restarted, while a Redis or backend outage (threads alive, retrying)
-does not.
+requests and the answerer publishes their answers; the backend engine thread
+makes every backend call. The watchdog is fed only while all of them show
+life, so a wedged thread gets the service restarted, while a Redis or backend
+outage (threads alive, retrying) does not.
 """
 
 import faulthandler
@@ -15,23 +15,20 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping, Optional
 
-from . import __version__, defaults
+from . import __version__, defaults, exporter, metrics
 from .backend import ServiceCredentials, make_client
 from .config import Settings
+from .errors import ConfigError
 from .flusher import Flusher, FlushResult, FlushSettings
+from .heartbeat import Heartbeat, cycle_result
 from .notify import Notifier
 from .renewer import PriorityRenewer
 from .scheduler import Scheduler
 from .storage import Storage, connect
 
 log = logging.getLogger(__name__)
-
-#: Test hook: "scheduler" or "listener" makes that thread hang, to prove the watchdog.
-WEDGE_ENV = "XCFLUSHD_TEST_WEDGE"
-
 
 def _clock(ts: Optional[float]) -> str:
     return time.strftime("%H:%M:%SZ", time.gmtime(ts)) if ts else "-"
@@ -42,16 +39,23 @@ class Daemon:
         self.settings = settings
         self.stop = threading.Event()
         self.notifier = Notifier(environ)
-        self.wedge = environ.get(WEDGE_ENV, "")
         self.last_result: Optional[FlushResult] = None
         s = settings
-        self.redis = connect(s.redis_url, s.redis_password, pool_size=s.prio_threads + 8)
+        # Redis clients: the listener, the answerer, the scheduler, the heartbeat, and spares.
+        self.redis = connect(s.redis_url, s.redis_password, pool_size=16)
         self.storage = Storage(self.redis)
         self.backend = make_client(s.backend_url, ServiceCredentials(s.provider_key, s.service_tokens),
-                                   s.connect_timeout, s.read_timeout, s.backend_proxy)
+                                   s.connect_timeout, s.read_timeout, s.backend_proxy,
+                                   proxy_user=s.backend_proxy_user, proxy_password=s.backend_proxy_password,
+                                   ca_file=s.backend_ca_file, priority_concurrency=s.prio_threads,
+                                   priority_queue=defaults.PRIO_QUEUE,
+                                   max_connections=s.threads + s.prio_threads + 8)
         self.flusher = Flusher(self.storage, self.backend, FlushSettings(
             auth_ttl=s.auth_ttl, report_auth_wait=s.report_auth_wait, batch_size=s.report_batch_size,
             concurrency=s.threads), self.stop)
+        self.heartbeat = Heartbeat(self.redis, s.frequency, self.stop)
+        self.backlog = exporter.BacklogWatch(self.redis, self.stop, defaults.BACKLOG_INTERVAL)
+        self.metrics_server = None
 
     # ---- one cycle -------------------------------------------------------------
 
@@ -77,24 +81,40 @@ class Daemon:
         # A wedged thread is killed by systemd's watchdog with SIGABRT: leave
         # every thread's stack in the journal to say where it hung.
         faulthandler.enable()
+        self._serve_metrics()
         log.info("xcflushd %s starting: redis=%s backend=%s frequency=%ss auth_ttl=%ss threads=%d prio_threads=%d",
                  __version__, s.redis_display, s.backend_url, s.frequency, s.auth_ttl, s.threads, s.prio_threads)
-        self.prio_pool = ThreadPoolExecutor(s.prio_threads, thread_name_prefix="prio")
-        self.renewer = PriorityRenewer(self.redis, self.storage, self.backend, self.prio_pool, s.auth_ttl,
-                                       self.stop, wedge=self.wedge == "listener").start()
+        self.backend.transport.start()
+        self.renewer = PriorityRenewer(self.redis, self.storage, self.backend, s.auth_ttl, self.stop).start()
         self.scheduler = Scheduler(self.flusher.flush_once, s.frequency, self.stop, defaults.RECOVERY_INTERVAL,
-                                   on_result=self._on_result, wedge=self.wedge == "scheduler")
+                                   on_result=self._on_result)
         if self._wait_for_redis():
             self.notifier.ready(f"ready; first flush now, then every {s.frequency}s")
-            log.info("ready: priority auth channel subscribed, flushing every %ss", s.frequency)
+            log.info("ready: priority auth channel subscribed, flushing every %ss; heartbeat %s",
+                     s.frequency, self.heartbeat.key)
+            self.heartbeat.start()
+            self.backlog.start()
             self.scheduler.start()
             self._supervise()
         return self._shutdown()
+
+    def _serve_metrics(self) -> None:
+        """Bind ``/metrics`` first: a busy address stops the start (exit 2) before anything runs."""
+        metrics.flush_frequency(self.settings.frequency)
+        if self.settings.metrics_listen is None:
+            log.info("metrics: disabled (--metrics-listen is empty)")
+            return
+        try:
+            self.metrics_server = exporter.serve(self.settings.metrics_listen)
+        except ConfigError:
+            self._close()
+            raise
 
     def _wait_for_redis(self) -> bool:
         announced = False
         while not self.stop.is_set():
             if self.renewer.subscribed.wait(0.5):
+                metrics.redis_up(True)
                 return True
             if not announced:
                 status = f"waiting for Redis at {self.settings.redis_display}"
@@ -110,6 +130,7 @@ class Daemon:
             if interval and self._healthy(2 * interval):
                 self.notifier.watchdog()
             redis_up = self.renewer.subscribed.is_set()
+            metrics.redis_up(redis_up)
             if redis_up != redis_was_up:
                 redis_was_up = redis_up
                 self.notifier.status(self._status() if redis_up else
@@ -118,12 +139,18 @@ class Daemon:
     def _healthy(self, window: float) -> bool:
         now = time.monotonic()
         scheduler_beat = max(self.scheduler.last_tick, self.flusher.last_progress)
+        engine = self.backend.transport
         return (self.scheduler.alive() and now - scheduler_beat < window
-                and self.renewer.alive() and now - self.renewer.last_beat < window)
+                and self.renewer.alive() and now - self.renewer.beat() < window
+                and engine.alive() and now - engine.last_beat < window)
 
     def _on_result(self, result: FlushResult) -> None:
         self.last_result = result
         self._log_result(result)
+        self.heartbeat.cycle_ended(result)
+        metrics.flush_cycle(cycle_result(result), result.phases, result.hits, result.finished_at,
+                            delivered_all=result.ok)
+        self.backlog.poke()
         self.notifier.status(self._status())
 
     def _status(self) -> str:
@@ -171,7 +198,10 @@ class Daemon:
                 os._exit(0)  # pool threads may sit in a backend call; the data is safe in Redis
             self.notifier.extend_timeout(min(left, 5.0) + 1.0)
         self.renewer.join(timeout=2.0)
-        self.prio_pool.shutdown(wait=False, cancel_futures=True)
+        self.heartbeat.clear()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
         self._close()
         log.info("stopped")
         return 0

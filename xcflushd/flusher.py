@@ -65,6 +65,7 @@ class FlushResult:
     def __init__(self):
         self.reports = 0
         self.delivered = 0
+        self.hits = 0             # usage units the backend acknowledged
         self.failed = 0           # put back into Redis for the next cycle
         self.dead_lettered = 0
         self.report_calls = 0
@@ -72,11 +73,18 @@ class FlushResult:
         self.auth_failures = 0
         self.phases: Dict[str, float] = {}
         self.error: Optional[str] = None
+        self.backend_error: Optional[str] = None  # the first backend or authorization failure, one line
+        self.started_at = time.time()
         self.finished_at = 0.0
 
     def add(self, **counts):
         for name, n in counts.items():
             setattr(self, name, getattr(self, name) + n)
+
+    def backend_failed(self, what: str, error: Exception) -> None:
+        """Remember the first backend failure: the rollout gate and ``status`` name it."""
+        if self.backend_error is None:
+            self.backend_error = f"{what}: {error}"[:200]
 
     @property
     def ok(self) -> bool:
@@ -175,6 +183,7 @@ class Flusher:
             else:
                 log.warning("report for service %s failed, %d report(s) kept for the next cycle: %s",
                             call[0].service_id, len(call), error)
+                result.backend_failed("report failed", error)
                 self.storage.restore(call)
                 result.add(failed=len(call))
             if time.monotonic() - last_renewal > self.settings.lease_ttl / 3:
@@ -219,6 +228,7 @@ class Flusher:
         yield from (b for b in batches.values() if b)
 
     def _rejected(self, call: List[Report], exc: BackendRejected, cycle: Cycle, result: FlushResult) -> None:
+        result.backend_failed("report refused", exc)
         if exc.code in CREDENTIAL_ERRORS or exc.status == 0:
             log.error("report for service %s refused, our credentials: %s (kept for the next cycle)",
                       call[0].service_id, exc)
@@ -255,6 +265,7 @@ class Flusher:
             self.last_progress = time.monotonic()
             if isinstance(outcome, BackendError):
                 failures[str(outcome)] += 1
+                result.backend_failed("authorize failed", outcome)
                 continue
             renewed.append((key, authorizations(outcome, metrics)))
             if len(renewed) >= defaults.REDIS_CHUNK:
@@ -304,7 +315,7 @@ class _Acks:
     def flush(self) -> None:
         if self.pending:
             self.storage.acknowledge(self.pending)
-            self.result.add(delivered=len(self.pending))
+            self.result.add(delivered=len(self.pending), hits=sum(sum(r.usage.values()) for r in self.pending))
             self.pending = []
 
 

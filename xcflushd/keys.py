@@ -53,6 +53,12 @@ def _clip(text: str, size: int = 40) -> str:
     return text if len(text) <= size else text[:size] + "..."
 
 
+def redact_text(text: str) -> str:
+    """Free text that may quote keys (a dead-letter reason): every secret credential cut short."""
+    return _SECRET_FIELD.sub(lambda m: m.group(1) + (m.group(2)[:4] + "..." if len(m.group(2)) > 4 else m.group(2)),
+                             text)
+
+
 class Credentials:
     """An application's credentials, as the gateway encodes them.
 

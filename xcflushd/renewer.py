@@ -6,20 +6,26 @@ authorization. We ask the backend once per (service, credentials, metric) in
 flight however many identical requests arrive, renew the application's whole
 auth hash, and publish the metric's value on each distinct response channel.
 
-The listener thread owns its PubSub object; backend calls run on a pool.
+Three threads, none waiting on another's I/O: the listener owns its PubSub
+object and queues authorize calls on the backend engine (priority calls,
+multiplexed ahead of any flush call; the engine's queue is bounded, and a
+request it cannot take is dropped, counted and logged); the engine hands
+each answer to the answerer thread, which caches and publishes the answers
+at hand in one Redis round trip.
 """
 
 import logging
+import queue
 import threading
 import time
-from concurrent.futures import Executor
 from typing import Dict, List, Optional, Tuple
 
 import redis
 
+from . import metrics
 from .authorizer import authorizations
 from .backend import BackendClient
-from .defaults import AUTH_REQUESTS_CHANNEL, PUBLISH_RETRY_DELAYS
+from .defaults import AUTH_REQUESTS_CHANNEL
 from .errors import BackendError, MalformedKey, StorageUnavailable
 from .keys import AuthRequest, parse_auth_request
 from .storage import Storage
@@ -49,35 +55,49 @@ class RateLimitedLog:
         self.logger.warning(msg, *args)
 
 
+#: Answers cached and published together in one round trip, at most.
+ANSWER_BATCH = 256
+
+
 class PriorityRenewer:
-    def __init__(self, client: redis.Redis, storage: Storage, backend: BackendClient, executor: Executor,
-                 auth_ttl: int, stop: threading.Event, wedge: bool = False):
+    def __init__(self, client: redis.Redis, storage: Storage, backend: BackendClient,
+                 auth_ttl: int, stop: threading.Event):
         self.redis = client
         self.storage = storage
         self.backend = backend
-        self.executor = executor
         self.auth_ttl = auth_ttl
         self.stop = stop
-        self.wedge = wedge                    # test hook: the listener hangs after subscribing
         self.subscribed = threading.Event()   # set while the requests channel is subscribed
         self.last_beat = time.monotonic()     # the listener loop's heartbeat, for the watchdog
-        self._in_flight: Dict[Tuple, List[AuthRequest]] = {}
+        self.answer_beat = time.monotonic()   # the answerer's
+        # dedup key -> the requests waiting for that call, with the time each was received
+        self._in_flight: Dict[Tuple, List[Tuple[AuthRequest, float]]] = {}
         self._lock = threading.Lock()
+        self._answers: queue.SimpleQueue[Tuple[Tuple, object]] = queue.SimpleQueue()
         self._bad = RateLimitedLog(log, "malformed auth requests")
         self._failed = RateLimitedLog(log, "failed priority authorizations")  # e.g. a flood for an unknown service
+        self._dropped = RateLimitedLog(log, "dropped priority requests")
         self._thread: Optional[threading.Thread] = None
+        self._answerer: Optional[threading.Thread] = None
 
     def start(self) -> "PriorityRenewer":
+        self._answerer = threading.Thread(target=self._answer_loop, name="auth-answerer", daemon=True)
+        self._answerer.start()
         self._thread = threading.Thread(target=self._listen, name="auth-listener", daemon=True)
         self._thread.start()
         return self
 
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return all(t is not None and t.is_alive() for t in (self._thread, self._answerer))
+
+    def beat(self) -> float:
+        """The older of the two threads' heartbeats."""
+        return min(self.last_beat, self.answer_beat)
 
     def join(self, timeout: Optional[float] = None) -> None:
-        if self._thread:
-            self._thread.join(timeout)
+        for thread in (self._thread, self._answerer):
+            if thread:
+                thread.join(timeout)
 
     # ---- listener thread ---------------------------------------------------
 
@@ -96,8 +116,6 @@ class PriorityRenewer:
                         self.subscribed.set()
                         backoff = 0.1
                         log.info("listening for priority auth requests on %s", AUTH_REQUESTS_CHANNEL)
-                        if self.wedge:
-                            threading.Event().wait()
                     elif message["type"] == "message":
                         self.handle(message["data"])
             except redis.RedisError as exc:
@@ -125,6 +143,7 @@ class PriorityRenewer:
 
     def handle(self, raw) -> None:
         """Take one request message; never raises."""
+        received = time.monotonic()
         try:
             if not isinstance(raw, str):
                 raise MalformedKey("message is not text")
@@ -132,46 +151,91 @@ class PriorityRenewer:
         except MalformedKey as exc:
             self._bad.warning("malformed auth request skipped: %s", exc)
             return
+        key = request.dedup_key
         with self._lock:
-            waiting = self._in_flight.get(request.dedup_key)
+            waiting = self._in_flight.get(key)
             if waiting is not None:
-                if all(w.raw != request.raw for w in waiting):
-                    waiting.append(request)
+                waiting.append((request, received))  # joins the call in flight
                 return
-            self._in_flight[request.dedup_key] = [request]
+            self._in_flight[key] = [(request, received)]
+        service_id, creds, _ = key
         try:
-            self.executor.submit(self._renew, request.dedup_key)
-        except RuntimeError:  # executor shut down: we are stopping
-            with self._lock:
-                self._in_flight.pop(request.dedup_key, None)
-
-    # ---- pool threads ------------------------------------------------------
-
-    def _renew(self, key: Tuple) -> None:
-        service_id, creds, metric = key
-        values = None
-        try:
-            status = self.backend.authorize(service_id, creds)
-            values = authorizations(status, [metric])
-        except BackendError as exc:
-            self._failed.warning("priority authorize for service %s %s failed, gateway not answered: %s",
-                                 service_id, creds.redacted(), exc)
+            queued = self.backend.submit_authorize(service_id, creds, lambda outcome: self._answers.put((key, outcome)))
+        except BackendError as exc:  # no credentials for that service: nothing to ask
+            self._answers.put((key, exc))
+            return
         except Exception as exc:
             log.error("priority authorize error (%s: %s)", type(exc).__name__, str(exc)[:120])
-        # Answer everyone who asked while the call was in flight; later askers start a new call.
-        with self._lock:
-            waiting = self._in_flight.pop(key, [])
-        if values is None:
+            self._answers.put((key, BackendError("not queued")))
             return
-        auths = {w.auth_key: values for w in waiting}
-        answers = [(w.response_channel, values[metric]) for w in waiting]
-        for delay in PUBLISH_RETRY_DELAYS + (None,):
+        if not queued:
+            with self._lock:
+                waiting = self._in_flight.pop(key, [])
+            for _ in waiting:
+                metrics.priority_request("dropped")
+            self._dropped.warning("priority request for service %s %s dropped, gateway not answered: "
+                                  "the backend queue is full", service_id, creds.redacted())
+
+    # ---- answerer thread ----------------------------------------------------
+
+    def _answer_loop(self) -> None:
+        while not self.stop.is_set():
+            self.answer_beat = time.monotonic()
             try:
-                # One round trip: cache, then answer (the gateway reads the cache next).
-                self.storage.cache_and_answer(auths, answers, self.auth_ttl)
-                return
-            except StorageUnavailable as exc:
-                if delay is None:
-                    log.warning("could not cache and publish a priority authorization: %s", exc)
-                    return
-                time.sleep(delay)
+                batch = [self._answers.get(timeout=0.5)]
+            except queue.Empty:
+                continue
+            try:
+                while len(batch) < ANSWER_BATCH:
+                    batch.append(self._answers.get_nowait())
+            except queue.Empty:
+                pass
+            try:
+                self._answer(batch)
+            except Exception as exc:  # the answerer must outlive any one surprise
+                log.error("priority answer error (%s: %s)", type(exc).__name__, str(exc)[:120])
+
+    def _answer(self, batch: List[Tuple[Tuple, object]]) -> None:
+        auths: Dict[str, Dict[str, str]] = {}
+        answers: List[Tuple[str, str]] = []
+        answered: List[Tuple[str, float, bool]] = []   # (value, received, joined a call in flight)
+        channels = set()
+        for key, outcome in batch:
+            # Answer everyone who asked while the call was in flight; later askers start a new call.
+            with self._lock:
+                waiting = self._in_flight.pop(key, [])
+            service_id, creds, metric = key
+            values = None
+            if isinstance(outcome, BackendError):
+                self._failed.warning("priority authorize for service %s %s failed, gateway not answered: %s",
+                                     service_id, creds.redacted(), outcome)
+            else:
+                try:
+                    values = authorizations(outcome, [metric])
+                except Exception as exc:
+                    log.error("priority authorization error (%s: %s)", type(exc).__name__, str(exc)[:120])
+            if values is None:
+                for i, _ in enumerate(waiting):
+                    metrics.priority_request("failed" if i == 0 else "deduplicated")
+                continue
+            for i, (request, received) in enumerate(waiting):
+                merged = auths.setdefault(request.auth_key, {})
+                merged.update(values)
+                if request.response_channel not in channels:  # one publish per channel waiting
+                    channels.add(request.response_channel)
+                    answers.append((request.response_channel, values[metric]))
+                answered.append((values[metric], received, i > 0))
+        if not answered:
+            return
+        try:
+            # One round trip: cache, then answer (the gateway reads the cache next).
+            self.storage.cache_and_answer(auths, answers, self.auth_ttl)
+        except StorageUnavailable as exc:
+            log.warning("could not cache and publish %d priority answer(s): %s", len(answers), exc)
+            for _, _, joined in answered:
+                metrics.priority_request("deduplicated" if joined else "failed")
+            return
+        now = time.monotonic()
+        for value, received, joined in answered:
+            result = "deduplicated" if joined else ("denied" if value.startswith("0") else "authorized")
+            metrics.priority_request(result, now - received)

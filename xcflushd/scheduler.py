@@ -18,14 +18,13 @@ log = logging.getLogger(__name__)
 class Scheduler:
     def __init__(self, job: Callable[[bool], FlushResult], frequency: float, stop: threading.Event,
                  recovery_interval: float, on_result: Callable[[FlushResult], None] = lambda r: None,
-                 clock: Callable[[], float] = time.monotonic, wedge: bool = False):
+                 clock: Callable[[], float] = time.monotonic):
         self.job = job
         self.frequency = frequency
         self.stop = stop
         self.recovery_interval = recovery_interval
         self.on_result = on_result
         self.clock = clock
-        self.wedge = wedge  # test hook: the loop hangs after its first cycle
         self.last_tick = clock()
         self.next_run: Optional[float] = None  # wall-clock time of the next cycle
         self._thread: Optional[threading.Thread] = None
@@ -59,8 +58,6 @@ class Scheduler:
                     self.on_result(result)
                 except Exception as exc:  # flush_once does not raise; belt and braces
                     log.error("flush cycle crashed: %s: %s", type(exc).__name__, exc)
-                if self.wedge:
-                    threading.Event().wait()
                 deadline += self.frequency
                 if deadline <= self.clock():
                     log.warning("flush cycle overran its %ss slot; next cycle starts now", self.frequency)

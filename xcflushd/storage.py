@@ -24,6 +24,7 @@ from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequenc
 
 import redis
 
+from . import heartbeat
 from .defaults import (
     ACK_RETRY_DELAYS,
     DEAD_LETTER_HASH,
@@ -374,3 +375,27 @@ def _queue_authorizations(pipe, items: Iterable[Tuple[str, Dict[str, str]]], ttl
         if values:
             pipe.hset(key, mapping=values)
             pipe.expire(key, ttl)
+
+
+class Backlog(NamedTuple):
+    """What waits in Redis: for ``xcflushd status`` and the metrics."""
+
+    gateway_reports: int   # applications in the gateway's report_keys set
+    handover_keys: int     # flushing_report_keys_* sets and to_flush:* hashes (cycles at work, or dead)
+    reports_pending: int   # applications with usage waiting: the two above, hashes only
+    dead_letters: int
+
+
+@_storage_errors
+def read_backlog(client: redis.Redis) -> Backlog:
+    """Counted with SCARD, HLEN and SCANs: cheap next to a cycle, not free on a big keyspace."""
+    gateway = client.scard(REPORT_KEYS_SET)
+    to_flush = sum(1 for _ in client.scan_iter(match=TO_FLUSH_PREFIX + "*", count=1000))
+    sets = sum(1 for _ in client.scan_iter(match=FLUSHING_PREFIX + "_*", count=1000))
+    return Backlog(gateway, to_flush + sets, gateway + to_flush, client.hlen(DEAD_LETTER_HASH))
+
+
+@_storage_errors
+def read_heartbeats(client: redis.Redis) -> list:
+    """Every live daemon's heartbeat record (see heartbeat.py)."""
+    return heartbeat.read_all(client)

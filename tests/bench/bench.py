@@ -196,6 +196,7 @@ def summarize(runs):
 def bench_priority(args, workdir: str):
     stack = Stack(max(args.n), args.latency_ms, tempfile.mkdtemp(dir=workdir))
     env = {k: v for k, v in os.environ.items() if not k.startswith("XCFLUSHD_")}
+    env["XCFLUSHD_METRICS_LISTEN"] = ""  # not the default port, which another daemon may hold
     daemon = subprocess.Popen([sys.executable, "-m", "xcflushd", "run", *stack.daemon_args(args.threads),
                                "--prio-threads", str(args.prio_threads)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)

@@ -113,12 +113,15 @@ def redis_up(redis_later):
 class Daemon:
     """``xcflushd run`` as a real process under a test NOTIFY_SOCKET; output in a file."""
 
-    def __init__(self, args, env, log_path: Path):
+    def __init__(self, args, env, log_path: Path, wedge: Optional[str] = None):
         self.log_path = log_path
         base = {k: v for k, v in os.environ.items()
                 if k in ("PATH", "LANG", "LC_ALL", "HOME", "PYTHONPATH", "VIRTUAL_ENV")}
+        base["XCFLUSHD_METRICS_LISTEN"] = f"127.0.0.1:{free_port()}"  # not the default 9422: daemons run at once
+        # wedge: a thread made to hang by the test-only wrapper (the daemon has no such hook)
+        command = [str(Path(__file__).with_name("wedge.py")), wedge] if wedge else ["-m", "xcflushd"]
         with open(log_path, "w") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "xcflushd", "run", *args], cwd=log_path.parent,
+            self.proc = subprocess.Popen([sys.executable, *command, "run", *args], cwd=log_path.parent,
                                          stdout=log, stderr=subprocess.STDOUT, env={**base, **env})
 
     def output(self) -> str:
@@ -151,12 +154,13 @@ def start_daemon(tmp_path, notify_socket):
     key_file.write_text("pk-demo\n")
 
     def start(redis_address: str, backend_url: str, *, watchdog_usec: int = 2_000_000,
-              frequency: int = 2, env: Optional[dict] = None, args: tuple = ()) -> Daemon:
+              frequency: int = 2, env: Optional[dict] = None, args: tuple = (),
+              wedge: Optional[str] = None) -> Daemon:
         args = ["--redis", redis_address, "--backend", backend_url, "--no-secure",
                 "--provider-key-file", str(key_file), "--frequency", str(frequency),
                 "--auth-ttl", "60", "--backend-connect-timeout", "1", "--backend-read-timeout", "2", *args]
         environment = notify_socket.environ(WATCHDOG_USEC=str(watchdog_usec), **(env or {}))
-        daemon = Daemon(args, environment, tmp_path / f"daemon-{len(started)}.log")
+        daemon = Daemon(args, environment, tmp_path / f"daemon-{len(started)}.log", wedge)
         started.append(daemon)
         return daemon
 

@@ -100,9 +100,9 @@ def test_sigterm_sends_stopping_and_exits_cleanly(notify_socket, redis_up, start
     assert "stopped" in daemon.output()
 
 
-@pytest.mark.parametrize("thread", ["scheduler", "listener"])
+@pytest.mark.parametrize("thread", ["scheduler", "listener", "engine"])
 def test_a_wedged_thread_starves_the_watchdog(notify_socket, redis_up, start_daemon, thread):
-    daemon = start_daemon(redis_up.address, closed_backend(), env={"XCFLUSHD_TEST_WEDGE": thread})
+    daemon = start_daemon(redis_up.address, closed_backend(), wedge=thread)  # tests/systemd/wedge.py
     daemon.expect(notify_socket, "READY", "1")
     notify_socket.poll(1.5 * WATCHDOG_SEC)  # the first cycle, then the wedge, then the window runs out
     quiet_from = time.monotonic()

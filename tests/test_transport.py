@@ -1,5 +1,5 @@
-"""The HTTP/1.1 client against real sockets: framing, keep-alive, failures,
-proxies, TLS, and the backend's garbage through the simulator."""
+"""The libcurl transport against real sockets: framing, keep-alive, failures,
+proxies from the environment, TLS, and the backend's garbage through the simulator."""
 
 import shutil
 import socket
@@ -12,8 +12,8 @@ import pytest
 
 from xcflushd.backend import ServiceCredentials, make_client
 from xcflushd.errors import BackendError, BackendUnavailable
-from xcflushd.httpclient import Transport
 from xcflushd.keys import Credentials
+from xcflushd.transport import Engine
 
 
 class ScriptedServer:
@@ -79,7 +79,7 @@ class ScriptedServer:
 def transport(port, scheme="http", **kw):
     kw.setdefault("connect_timeout", 2)
     kw.setdefault("read_timeout", 2)
-    return Transport(f"{scheme}://127.0.0.1:{port}", **kw)
+    return Engine(f"{scheme}://127.0.0.1:{port}", **kw)
 
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -98,7 +98,7 @@ def test_content_length_chunked_close_delimited_and_interim_responses():
     assert t.request(t.build("POST", "/c", body=b"x=1")).status == 202
     assert t.request(t.build("GET", "/d")).body == b"until close"
     assert server.connections == 1  # keep-alive held until the close-delimited body
-    assert server.requests[2].endswith(b"Content-Length: 3\r\n\r\nx=1")
+    assert b"Content-Length: 3\r\n" in server.requests[2] and server.requests[2].endswith(b"\r\n\r\nx=1")
     t.close()
     server.close()
 
@@ -115,10 +115,14 @@ def test_stale_keep_alive_connection_is_retried_once():
 
 
 @pytest.mark.parametrize("reply,message", [
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", "truncated"),
-    (b"SSH-2.0-OpenSSH\r\n\r\n", "not an HTTP"),
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 99999999\r\n\r\n", "byte body"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", "missing"),
+    (b"SSH-2.0-OpenSSH\r\n\r\n", "HTTP/0.9"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 99999999\r\n\r\n", "file size"),
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunk"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-6\r\nabc\r\n0\r\n\r\n", "chunk"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nokk", "Content-Length"),
+    (b"HTTP/1.1 2000 OK\r\nContent-Length: 2\r\n\r\nok", "status line"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\nok", "file size"),
 ])
 def test_broken_responses_are_errors_for_that_call(reply, message):
     server = ScriptedServer([lambda conn: (conn.sendall(reply), conn.shutdown(socket.SHUT_WR))])
@@ -131,7 +135,7 @@ def test_broken_responses_are_errors_for_that_call(reply, message):
 
 def test_read_timeout_is_enforced_blocking_and_multiplexed():
     server = ScriptedServer([lambda conn: time.sleep(3)] * 3)
-    t = transport(server.port, read_timeout=0.3)
+    t = transport(server.port, connect_timeout=0.2, read_timeout=0.3)  # deadline per call: 0.5 s
     started = time.monotonic()
     with pytest.raises(BackendUnavailable, match="timed out"):
         t.request(t.build("GET", "/slow"))
@@ -165,22 +169,32 @@ def test_request_many_reuses_connections_and_survives_stale_ones():
     server.close()
 
 
-def test_http_proxy_gets_absolute_uri_and_credentials(monkeypatch):
+def test_http_proxy_gets_absolute_uri():
     proxy = ScriptedServer([OK])
-    t = Transport("http://backend.invalid:8080/base", 2, 2, proxy_url=f"http://us%40r:p%3Ass@127.0.0.1:{proxy.port}")
+    t = Engine("http://backend.invalid:8080/base", 2, 2, proxy=f"http://127.0.0.1:{proxy.port}")
     assert t.request(t.build("GET", "/transactions/authorize.xml", "a=1")).body == b"ok"
     request = proxy.requests[0]
     assert request.startswith(b"GET http://backend.invalid:8080/base/transactions/authorize.xml?a=1 HTTP/1.1")
-    assert b"Proxy-Authorization: Basic dXNAcjpwOnNz" in request  # us@r:p:ss
     t.close()
     proxy.close()
 
 
 def test_environment_proxy_and_no_proxy(monkeypatch):
-    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
-    monkeypatch.setenv("NO_PROXY", "internal.example")
-    assert Transport("https://su1.3scale.net", 1, 1).proxy.port == 3128
-    assert Transport("https://backend.internal.example", 1, 1).proxy is None
+    """Without --backend-proxy, libcurl reads the environment (http_proxy: lower case only)."""
+    proxy = ScriptedServer([OK, OK])
+    backend = ScriptedServer([OK])
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.port}")
+    monkeypatch.setenv("NO_PROXY", "localhost")
+    via_proxy = Engine("http://backend.invalid:8080", 2, 2)
+    assert via_proxy.request(via_proxy.build("GET", "/x")).body == b"ok"
+    assert proxy.requests[0].startswith(b"GET http://backend.invalid:8080/x HTTP/1.1")
+    direct = Engine(f"http://localhost:{backend.port}", 2, 2)
+    assert direct.request(direct.build("GET", "/y")).body == b"ok"
+    assert backend.requests[0].startswith(b"GET /y HTTP/1.1") and len(proxy.requests) == 1
+    for t in (via_proxy, direct):
+        t.close()
+    proxy.close()
+    backend.close()
 
 
 @pytest.fixture(scope="module")
@@ -200,15 +214,15 @@ def tls_pair(tmp_path_factory):
 def test_tls_is_verified(tls_pair):
     server_ctx, ca = tls_pair
     server = ScriptedServer([OK, OK, OK], tls_context=server_ctx)
-    trusted = ssl.create_default_context(cafile=ca)
-    t = transport(server.port, scheme="https", ssl_context=trusted)
+    t = transport(server.port, scheme="https", ca_file=ca)
     assert t.request(t.build("GET", "/")).body == b"ok"
     [(_, outcome)] = list(t.request_many([(1, t.build("GET", "/"))], 2))
     assert outcome.body == b"ok"
     untrusted = transport(server.port, scheme="https")  # system trust store: self-signed refused
-    with pytest.raises(BackendUnavailable, match="TLS"):
+    with pytest.raises(BackendUnavailable, match="certificate"):
         untrusted.request(untrusted.build("GET", "/"))
     t.close()
+    untrusted.close()
     server.close()
 
 

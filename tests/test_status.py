@@ -1,0 +1,103 @@
+"""The heartbeat and ``xcflushd status``: against a real daemon and a real redis-server."""
+
+import json
+import subprocess
+import sys
+
+from xcftest import free_port, wait_until
+
+from xcflushd.defaults import DEAD_LETTER_HASH
+from xcflushd.heartbeat import PREFIX
+from xcflushd.keys import Credentials
+from xcflushd.sim.gateway import Gateway
+
+A1 = Credentials({"app_id": "a1b2c3", "app_key": "s3cr3t"})
+
+
+def status(*args, env=None):
+    proc = subprocess.run([sys.executable, "-m", "xcflushd", "status", "-c", "/dev/null", *args],
+                          capture_output=True, text=True, timeout=30, env=env)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def run_daemon(daemon_process, redis_server, sim, tmp_path, provider_key="pk-test"):
+    key = tmp_path / "pk"
+    key.write_text(provider_key + "\n")
+    daemon = daemon_process(["run", "--redis", redis_server.address, "--backend", sim.url,
+                             "--provider-key-file", str(key), "-c", "/dev/null", "--frequency", "1",
+                             "--report-auth-wait", "0"])
+    daemon.wait_for("ready:")
+    return daemon
+
+
+def test_a_live_daemon_is_healthy_and_its_cycle_is_shown(tmp_path, r, redis_server, sim, daemon_process):
+    Gateway(r).cache_report("555", A1, "hits", 4)
+    daemon = run_daemon(daemon_process, redis_server, sim, tmp_path)
+    daemon.wait_for("delivered=1")
+
+    def delivered():
+        code, out, _ = status("--redis", redis_server.address, "--json")
+        doc = json.loads(out)
+        return (code, doc) if any((d["last_cycle"] or {}).get("delivered") for d in doc["daemons"]) else None
+
+    code, doc = wait_until(delivered, 15, "a heartbeat with the delivered cycle")
+    assert code == 0 and doc["healthy"] and doc["problems"] == []
+    [record] = doc["daemons"]
+    assert record["pid"] == daemon.proc.pid
+    assert record["last_cycle"]["result"] == "ok" and record["last_cycle"]["backend_error"] is None
+    assert doc["dead_letters"] == 0 and doc["reports_pending"] == 0
+
+    code, out, _ = status("--redis", redis_server.address)
+    assert code == 0 and "daemons alive:  1" in out and "healthy" in out
+
+    assert daemon.stop() == 0
+    assert not list(r.scan_iter(match=PREFIX + "*"))  # a clean stop removes the record at once
+    code, out, _ = status("--redis", redis_server.address)
+    assert code == 1 and "no live xcflushd daemon" in out
+
+
+def test_a_refused_provider_key_is_named_in_the_last_cycle(tmp_path, r, redis_server, sim, daemon_process):
+    Gateway(r).cache_report("555", A1, "hits", 2)
+    daemon = run_daemon(daemon_process, redis_server, sim, tmp_path, provider_key="wrong-key")
+
+    def failed_cycle():
+        code, out, _ = status("--redis", redis_server.address, "--json")
+        doc = json.loads(out)
+        cycles = [d["last_cycle"] for d in doc["daemons"] if d["last_cycle"]]
+        return (code, doc, cycles[0]) if cycles else None
+
+    code, doc, cycle = wait_until(failed_cycle, 15, "a finished cycle")
+    assert code == 1 and not doc["healthy"]
+    assert cycle["result"] == "partial"
+    assert "provider_key_invalid" in cycle["backend_error"]
+    assert "wrong-key" not in json.dumps(doc)
+    assert any("provider_key_invalid" in p for p in doc["problems"])
+    daemon.stop()
+
+
+def test_dead_letters_make_it_degraded(r, redis_server):
+    r.hset(DEAD_LETTER_HASH, "555,app_id:x_20260101_abc", json.dumps({"usage": {"hits": 1}, "reason": "t"}))
+    code, out, _ = status("--redis", redis_server.address, "--json")
+    doc = json.loads(out)
+    assert code == 1 and doc["dead_letters"] == 1
+    assert any("dead letter" in p for p in doc["problems"])
+
+
+def test_an_unreachable_redis_exits_2_with_one_line():
+    code, out, err = status("--redis", f"127.0.0.1:{free_port()}")
+    assert code == 2, (out, err)
+    assert "Redis unreachable" in out and "Traceback" not in out + err
+
+
+def test_status_needs_no_backend_credentials_but_reads_the_redis_password_file(tmp_path, r, redis_server):
+    r.config_set("requirepass", "s3cret-pw")
+    try:
+        pw = tmp_path / "pw"
+        pw.write_text("s3cret-pw\n")
+        code, out, err = status("--redis", redis_server.address, "--redis-password-file", str(pw), "--json")
+        assert code == 1 and json.loads(out)["redis"] == "ok", (out, err)
+        code, out, _ = status("--redis", redis_server.address, "--json")
+        assert code == 2 and "s3cret-pw" not in out
+    finally:
+        import redis as redis_py
+        redis_py.Redis(port=redis_server.port, password="s3cret-pw").config_set("requirepass", "")
