@@ -49,4 +49,4 @@ def verify(gpg, sums_path, sig_path, pinned):
         # gpg --verify SIG DATA with a signed message as SIG checks the embedded text
         # and ignores DATA: never accept that.
         raise errors.WrongFormat(f"{sig_path} embeds its own data; it is not a detached signature")
-    return check_signer(result, pinned, sig_path)
+    return check_signer(result, pinned, sig_path, gpg)

@@ -62,7 +62,7 @@ def verify(gpg, sig_path, manifest, reference, pinned):
     statuses = status_lines(result)
     if result.valid and "PLAINTEXT" not in statuses:
         raise errors.WrongFormat(f"{sig_path} carries no signed payload (a detached signature?)")
-    signer = check_signer(result, pinned, sig_path)
+    signer = check_signer(result, pinned, sig_path, gpg)
     if signer != pinned:
         raise errors.WrongSigner(
             f"{sig_path}: signed by subkey {signer} of {pinned}; podman and skopeo accept only "

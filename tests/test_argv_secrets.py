@@ -41,7 +41,7 @@ SECRETS = [
      [["--backend-proxy", f"http://user:{S}@proxy:3128"], [f"--backend-proxy=http://u:{S}@proxy:3128"],
       ["--backend-proxy", f"https://:{S}@proxy:3128"], ["--backend-p", f"http://u:{S}@proxy:3128"]],
      {"XCFLUSHD_BACKEND_PROXY": f"http://user:{S}@proxy:3128"}, f"backend-proxy = http://user:{S}@proxy:3128\n",
-     lambda s: s.backend_proxy_password),
+     lambda s: s.backend_proxy_password or ""),
 ]
 ARGV_CASES = [(opt, spelling) for opt, spellings, *_ in SECRETS for spelling in spellings]
 

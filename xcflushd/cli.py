@@ -30,7 +30,8 @@ _SECRET_OPTIONS = {
 }
 _URL_OPTIONS = {
     "--redis": ("-r", "a Redis password", f"--redis-password-file, {ENV_PREFIX}REDIS or the config file"),
-    "--backend-proxy": (None, "a proxy password", f"{ENV_PREFIX}BACKEND_PROXY or the config file"),
+    "--backend-proxy": (None, "a proxy password", f"--backend-proxy-password-file, {ENV_PREFIX}BACKEND_PROXY "
+                        "or the config file"),
 }
 _URL_AUTHORITY = re.compile(r"://([^/?#\s]*)")
 _URL_QUERY_PASSWORD = re.compile(r"://\S*[?&]password=", re.IGNORECASE)  # redis-py reads ?password=
