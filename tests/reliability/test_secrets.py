@@ -84,10 +84,10 @@ def test_secrets_never_show(tmp_path, protected_redis, daemon_process):
             cmdline = fh.read().decode(errors="replace")
         ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
         stopping = time.monotonic()
+        daemon.proc.terminate()  # once: a second SIGTERM means "stop now" (exit 1)
         while daemon.proc.poll() is None and time.monotonic() - stopping < 20:
-            daemon.proc.terminate()
             listener.poll(0.5)
-        assert daemon.stop() == 0
+        assert daemon.stop() == 0, daemon.output()[-2500:]
         wrong = daemon_process(["flush", *common, "--redis-password-file", str(tmp_path / "wrong")])
         wrong.proc.wait(30)
         statuses = [f["STATUS"] for _, f in listener.poll(0.5) if "STATUS" in f]
