@@ -3,6 +3,7 @@ simulator over real HTTP, and a way to run the daemon as a real process.
 The classes behind them live in xcftest.py."""
 
 import os
+import threading
 
 import pytest
 from xcftest import DEMO_CONFIG, DaemonProcess, RedisServer
@@ -77,3 +78,28 @@ def pytest_collection_modifyitems(config, items):
         nodeid = os.path.relpath(str(item.path), root) + item.nodeid[len(item.nodeid.split("::")[0]):]
         if nodeid.startswith(SLOW):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def renewer_for(redis_server):
+    """Start a PriorityRenewer against a backend URL; stopped and closed at teardown."""
+    from xcflushd.backend import ServiceCredentials, make_client
+    from xcflushd.renewer import PriorityRenewer
+    from xcflushd.storage import Storage, connect
+
+    started = []
+
+    def start(backend_url, redis_url=None, connect_timeout=2.0, **transport_options):
+        client = connect(redis_url or redis_server.url)
+        backend = make_client(backend_url, ServiceCredentials("pk-test"), connect_timeout, 5, **transport_options)
+        stop = threading.Event()
+        renewer = PriorityRenewer(client, Storage(client), backend, 600, stop).start()
+        assert renewer.subscribed.wait(5)
+        started.append((renewer, stop, backend))
+        return renewer
+
+    yield start
+    for renewer, stop, backend in started:
+        stop.set()
+        renewer.join(5)
+        backend.close()

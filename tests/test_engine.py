@@ -20,7 +20,6 @@ from xcftest import DEMO_CONFIG, wait_until
 from xcflushd.backend import ServiceCredentials, make_client
 from xcflushd.flusher import Flusher, FlushSettings
 from xcflushd.keys import Credentials, auth_request_message
-from xcflushd.renewer import PriorityRenewer
 from xcflushd.sim.gateway import Gateway
 from xcflushd.sim.server import Simulator
 from xcflushd.storage import Storage, connect
@@ -49,26 +48,6 @@ def priority_counts():
 
 def delta(after, before):
     return {k: after[k] - before[k] for k in after}
-
-
-@pytest.fixture
-def renewer_for(redis_server):
-    started = []
-
-    def start(backend_url, connect_timeout=2.0, **options):
-        client = connect(redis_server.url)
-        backend = make_client(backend_url, ServiceCredentials("pk-test"), connect_timeout, 5, **options)
-        stop = threading.Event()
-        renewer = PriorityRenewer(client, Storage(client), backend, 600, stop).start()
-        assert renewer.subscribed.wait(5)
-        started.append((renewer, stop, backend))
-        return renewer
-
-    yield start
-    for renewer, stop, backend in started:
-        stop.set()
-        renewer.join(5)
-        backend.close()
 
 
 class Answers:

@@ -5,37 +5,13 @@ import logging
 import threading
 import time
 
-import pytest
 import redis as redislib
 from xcftest import DEMO_CONFIG, RedisServer
 
-from xcflushd.backend import ServiceCredentials, make_client
 from xcflushd.keys import Credentials, auth_key
-from xcflushd.renewer import PriorityRenewer
 from xcflushd.sim.gateway import Gateway
-from xcflushd.storage import Storage, connect
 
 A1 = Credentials({"app_id": "a1b2c3", "app_key": "s3cr3t", "referrer": "x.example.org"})
-
-
-@pytest.fixture
-def renewer_for(redis_server):
-    started = []
-
-    def start(backend_url, redis_url=None, **transport_options):
-        client = connect(redis_url or redis_server.url)
-        backend = make_client(backend_url, ServiceCredentials("pk-test"), 2, 5, **transport_options)
-        stop = threading.Event()
-        renewer = PriorityRenewer(client, Storage(client), backend, 600, stop).start()
-        assert renewer.subscribed.wait(5)
-        started.append((renewer, stop, backend))
-        return renewer
-
-    yield start
-    for renewer, stop, backend in started:
-        stop.set()
-        renewer.join(5)
-        backend.close()
 
 
 def test_priority_request_is_answered_and_cached(sim, r, renewer_for):
