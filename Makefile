@@ -7,6 +7,8 @@ PYTEST_ARGS ?=
 # The fast tier: what `make check` leaves out (see SLOW in tests/conftest.py).
 CHECK_MARKERS ?= not slow and not lab
 DURATIONS ?= 10
+# Test files run in parallel, each file in one worker (most tests wait on processes, not the CPU).
+WORKERS ?= -n 3 --dist loadfile
 SYSTEM_PACKAGES_FILE := tests/system-packages.txt
 
 .DEFAULT_GOAL := help
@@ -45,10 +47,10 @@ run: deps install
 	$(PY) -m xcflushd.sim.devrun
 
 check: deps install
-	$(PY) -m pytest -m "$(CHECK_MARKERS)" $(PYTEST_ARGS)
+	$(PY) -m pytest $(WORKERS) -m "$(CHECK_MARKERS)" $(PYTEST_ARGS)
 
 test: deps install
-	$(PY) -m pytest --durations=$(DURATIONS) $(PYTEST_ARGS)
+	$(PY) -m pytest $(WORKERS) --durations=$(DURATIONS) $(PYTEST_ARGS)
 
 test-deploy: deps install
 	$(PY) -m pytest tests/deploy $(PYTEST_ARGS)

@@ -103,3 +103,18 @@ def renewer_for(redis_server):
         stop.set()
         renewer.join(5)
         backend.close()
+
+
+def _printable(text):
+    # The daemon logs undecodable bytes as surrogates (surrogateescape); a worker of
+    # pytest-xdist must send captured output as UTF-8, so escape them visibly.
+    return text.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(text, str) else text
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    report.sections = [(_printable(name), _printable(body)) for name, body in report.sections]
+    if isinstance(report.longrepr, str):
+        report.longrepr = _printable(report.longrepr)
