@@ -1,6 +1,7 @@
 # Release artifacts, signing and verification (issue 5). Included by the top-level Makefile.
 #
-#   make dist                      sdist + wheel + SHA256SUMS in $(DIST_DIR)
+#   make dist                      sdist + wheel + the systemd files + SHA256SUMS in $(DIST_DIR)
+#   make wheelhouse                add the dependency wheels (binary, from the index) to them
 #   make image                     OCI image layout of the daemon (root; no container engine)
 #   make sign SECRET_KEY_FILE=...  SHA256SUMS.asc + the image signature (or GNUPGHOME=<keyring>),
 #                                  its lookaside tree, example policy.json and registries.d
@@ -23,7 +24,13 @@ DIST_DIR ?= dist
 SDIST ?= $(DIST_DIR)/$(NAME)-$(TAG).tar.gz
 WHEEL ?= $(DIST_DIR)/$(NAME)-$(TAG)-py3-none-any.whl
 # The one list of deliverables: it drives SHA256SUMS, its signature and verification.
-ARTIFACTS ?= $(SDIST) $(WHEEL)
+# The unit, sysusers and tmpfiles files ship with the release, so the signature covers
+# what a node installs beside the wheel and a rollback rolls them back too.
+# (A release made before they shipped has none: the wildcard keeps it verifiable.)
+SYSTEMD_FILES ?= $(wildcard $(addprefix $(DIST_DIR)/,xcflushd.service xcflushd.sysusers xcflushd.tmpfiles))
+# Dependency wheels that `make wheelhouse` put in DIST_DIR (evaluated when used).
+DEPENDENCY_WHEELS = $(filter-out $(WHEEL),$(wildcard $(DIST_DIR)/*.whl))
+ARTIFACTS ?= $(SDIST) $(WHEEL) $(SYSTEMD_FILES) $(DEPENDENCY_WHEELS)
 SUMS ?= $(DIST_DIR)/SHA256SUMS
 SUMS_SIGNATURE ?= $(SUMS).asc
 SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null)
@@ -97,7 +104,7 @@ RELEASE_DIR ?= $(DIST_DIR)
 REPO_URL ?= $(shell git rev-parse --show-toplevel 2>/dev/null)
 REPRODUCE_IMAGE ?= $(if $(wildcard $(RELEASE_DIR)/$(IMAGE_NAME).manifest),1,0)
 
-.PHONY: info dist image sign sign-dist sign-image verify verify-dist verify-image \
+.PHONY: info dist sums wheelhouse image sign sign-dist sign-image verify verify-dist verify-image \
 	release-tools release-key-fingerprints clean-image-cache reproduce
 
 info:
@@ -147,8 +154,21 @@ dist: release-tools
 	  SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) $(PY) -m build --no-isolation --sdist --wheel \
 	    --outdir "$$(cd $(DIST_DIR) && pwd)" "$$src" >/dev/null
 	$(SIGNING_TOOL) normalize --epoch $(SOURCE_DATE_EPOCH) $(SDIST)
+	install -m 0644 systemd/xcflushd.service systemd/xcflushd.sysusers systemd/xcflushd.tmpfiles $(DIST_DIR)/
+	@$(MAKE) --no-print-directory sums
+
+# A new make: ARTIFACTS must see the files the recipe before it wrote.
+sums: install
 	$(SIGNING_TOOL) sums --out $(SUMS) $(ARTIFACTS)
 	@cat $(SUMS)
+
+# The wheels the release's wheel depends on (built here when the index has only an sdist), for the nodes' `pip install
+# --require-hashes` (the Ansible role builds its lock from SHA256SUMS). Run after dist,
+# before sign. They are upstream files: `make reproduce` does not rebuild them.
+wheelhouse: install
+	@test -f $(WHEEL) || { echo "no $(WHEEL): run make dist first" >&2; exit 1; }
+	$(PY) -m pip wheel -q --prefer-binary --wheel-dir $(DIST_DIR) $(WHEEL)
+	@$(MAKE) --no-print-directory sums
 
 image: deps dist
 	$(SIGNING_TOOL) image --wheel $(WHEEL) --version $(VERSION) --image-dir $(IMAGE_DIR) \

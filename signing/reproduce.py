@@ -64,6 +64,9 @@ def compare_sums(release_dir, rebuilt_dir, sums_name="SHA256SUMS"):
         listed = sums.parse(fh.read(), sums_name)
     for name, digest in sorted(listed.items()):
         ours = os.path.join(rebuilt_dir, name)
+        if not os.path.isfile(ours) and name.endswith(".whl") and not name.startswith("xcflushd-"):
+            yield True, name, "dependency wheel from the index: not rebuilt, pinned by its sha256", []
+            continue
         if not os.path.isfile(ours):
             yield False, name, "the rebuild did not produce it", []
             continue
