@@ -46,6 +46,7 @@ _BEAT = 0.5                    # the engine loop wakes at least this often (watc
 _STATUS_LINE = re.compile(rb"HTTP/[0-9](?:\.[0-9])? [1-5][0-9][0-9](?:[ \r\n]|$)")
 _CONNECT_ERRORS = frozenset({pycurl.E_COULDNT_RESOLVE_HOST, pycurl.E_COULDNT_RESOLVE_PROXY,
                              pycurl.E_COULDNT_CONNECT})
+_PROXY_REFUSED = "proxy refused our credentials (HTTP 407)"
 _ENDPOINTS = {"/transactions/authorize.xml": "authorize", "/transactions/oauth_authorize.xml": "oauth_authorize",
               "/transactions.xml": "report"}
 
@@ -463,6 +464,10 @@ class Engine:
         call, slot.call = slot.call, None
         seconds = time.monotonic() - slot.started
         response = slot.response(h.getinfo(pycurl.RESPONSE_CODE)) if errno is None else None
+        if isinstance(response, Response) and response.status == 407:
+            response = _PROXY_REFUSED  # the proxy's answer, not the backend's: not delivered
+        elif errno is not None and h.getinfo(pycurl.HTTP_CONNECTCODE) == 407:
+            response = _PROXY_REFUSED + " to CONNECT"
         if isinstance(response, Response):
             outcome: Outcome = response
             code: Optional[int] = response.status
