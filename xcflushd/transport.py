@@ -118,6 +118,8 @@ class _Slot:
                 start = i
         if not head or not _STATUS_LINE.match(head[start]):
             return "malformed status line"
+        if b"\r\n" not in head[start:] and b"\n" not in head[start:]:  # no blank line: libcurl 8
+            return "response head truncated"                           # takes a head cut off by a close as whole
         headers = {}
         for line in head[start + 1:]:
             name, sep, value = line.partition(b":")
@@ -499,7 +501,8 @@ class Engine:
             self._notify.add(call.event)
 
     def _reason(self, errno: Optional[int], message: str, request: Request) -> str:
-        text = " ".join(str(message).split())
+        # CURLE_TOO_LARGE (a head over libcurl's limits) comes without a message
+        text = " ".join(str(message).split()) or ("too large" if errno == 100 else "no reason given")
         query = request.url.partition("?")[2]
         if query:
             text = text.replace(query, "...")
