@@ -114,7 +114,7 @@ class _Slot:
         head = self.head
         start = 0
         for i, line in enumerate(head):  # the last head: after 1xx answers or a proxy's CONNECT answer
-            if line[:5] == b"HTTP/":
+            if line[:5].upper() == b"HTTP/":  # libcurl takes "http/1.1" too: seen here, refused below
                 start = i
         if not head or not _STATUS_LINE.match(head[start]):
             return "malformed status line"
