@@ -1,5 +1,5 @@
 """Backend calls through a real squid: forward proxying, CONNECT tunnels to an
-https backend behind its own CA, Basic auth accepted and refused, and the
+https backend behind its own CA, Basic auth accepted and refused, Digest, and the
 proxy environment (``http_proxy``, ``HTTPS_PROXY``, ``NO_PROXY``) as libcurl
 reads it. Each case runs ``xcflushd flush`` (the daemon's real flush path)
 against real Redis and the simulator; squid's access log proves whether the
@@ -22,6 +22,8 @@ from xcflushd.sim.server import Simulator
 USER = "alice"
 PASSWORD = "pr0xy s3cr:t@!"   # spaces, a colon and an at sign: each must survive the trip
 A1 = Credentials({"app_id": "a1b2c3", "app_key": "s3cr3t"})
+pytestmark = pytest.mark.slow  # squid and a daemon process per case: ~15 s in all
+
 PROXY_VARIABLES = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY",
                    "no_proxy", "NO_PROXY")
 
@@ -29,6 +31,13 @@ PROXY_VARIABLES = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "al
 @pytest.fixture(scope="module")
 def squid():
     proxy = Squid(users={USER: PASSWORD})
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture(scope="module")
+def digest_squid():
+    proxy = Squid(users={USER: PASSWORD}, auth="digest")
     yield proxy
     proxy.close()
 
@@ -136,6 +145,21 @@ def test_an_https_backend_through_a_connect_tunnel(squid, r, redis_server, https
     host = https_sim.url.split("://", 1)[1]
     assert tunnels and all((line[3], line[5], line[6], line[7]) == ("TCP_TUNNEL/200", "CONNECT", host, USER)
                            for line in tunnels)
+    assert not r.exists(report_key("555", A1))
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_digest_auth_through_the_proxy(scheme, digest_squid, r, redis_server, sim, https_sim, backend_ca, secrets,
+                                       daemon_process):
+    backend = sim if scheme == "http" else https_sim
+    Gateway(r).cache_report("555", A1, "hits", 5)
+    since = len(digest_squid.log())
+    code, out = flush(daemon_process, redis_server, backend, secrets,
+                      *proxy_flags(digest_squid, secrets / "proxy-password"), "--backend-ca-file", backend_ca[0])
+    assert code == 0, out
+    assert backend.backend.received()["555"]["a1b2c3"] == {"hits": 5}
+    passed = through(digest_squid, since)
+    assert passed and all(line[7] == USER for line in passed)
     assert not r.exists(report_key("555", A1))
 
 

@@ -4,9 +4,12 @@
 config in a temp dir: Basic auth against an htpasswd file (apache2-utils),
 no cache, every request (CONNECT tunnels included) in ``access.log``, which
 ``log()`` reads back so a test can prove traffic went through the proxy, or
-did not. Without ``users`` the proxy is open to loopback clients.
+did not. ``auth="digest"`` asks for Digest instead (a file of HA1 hashes
+read by digest_file_auth). Without ``users`` the proxy is open to
+loopback clients.
 """
 
+import hashlib
 import os
 import pwd
 import shutil
@@ -20,6 +23,8 @@ import pytest
 
 SQUID = "/usr/sbin/squid"
 NCSA_AUTH = "/usr/lib/squid/basic_ncsa_auth"
+DIGEST_AUTH = "/usr/lib/squid/digest_file_auth"
+REALM = "xcflushd-test"
 
 
 def _free_port() -> int:
@@ -29,20 +34,27 @@ def _free_port() -> int:
 
 
 class Squid:
-    def __init__(self, users: Optional[Dict[str, str]] = None):
-        for tool in (SQUID, NCSA_AUTH, shutil.which("htpasswd")):
+    def __init__(self, users: Optional[Dict[str, str]] = None, auth: str = "basic"):
+        for tool in (SQUID, NCSA_AUTH, DIGEST_AUTH, shutil.which("htpasswd")):
             if not tool or not os.path.exists(tool):
                 pytest.fail("squid or htpasswd not installed: run `make deps` (squid, apache2-utils)")
         self.dir = tempfile.mkdtemp(prefix="xcf-squid-")
         self.port = _free_port()
         self.access_log = os.path.join(self.dir, "access.log")
         lines = [f"http_port 127.0.0.1:{self.port}", "visible_hostname xcflushd-test"]
-        if users:
+        if users and auth == "digest":
+            passwd = os.path.join(self.dir, "digest-passwd")
+            with open(passwd, "w") as fh:  # user:realm:HA1 (-c): a password may hold a colon
+                fh.writelines(f"{user}:{REALM}:{hashlib.md5(f'{user}:{REALM}:{password}'.encode()).hexdigest()}\n"
+                              for user, password in users.items())
+            lines += [f"auth_param digest program {DIGEST_AUTH} -c {passwd}", f"auth_param digest realm {REALM}",
+                      "acl authed proxy_auth REQUIRED", "http_access allow authed"]
+        elif users:
             passwd = os.path.join(self.dir, "passwd")
             for i, (user, password) in enumerate(users.items()):
                 # -i: the password on stdin, never in argv
-                subprocess.run(["htpasswd", "-i", *(["-c"] if i == 0 else []),
-                                passwd, user], input=password, text=True, check=True, capture_output=True)
+                subprocess.run(["htpasswd", "-i", *(["-c"] if i == 0 else []), passwd, user],
+                               input=password, text=True, check=True, capture_output=True)
             lines += [f"auth_param basic program {NCSA_AUTH} {passwd}", "auth_param basic realm xcflushd-test",
                       "acl authed proxy_auth REQUIRED", "http_access allow authed"]
         else:
