@@ -221,3 +221,25 @@ def test_backend_calls_are_counted_exactly_on_both_paths(sim, r, redis_server, r
     calls = sim.backend.calls()
     assert backend_calls_recorded("report") - before["report"] == calls["report"]
     assert backend_calls_recorded("authorize") - before["authorize"] == calls["authorize"]
+
+
+@pytest.mark.parametrize("kind", ["refused", "blackholed", "dns"])
+def test_a_serial_cycle_in_an_outage_waits_for_one_connect_not_one_per_report(r, redis_server, kind, request):
+    """One call in flight (-t 1): without failing fast, each of the 50 reports and then each
+    authorization would wait its own connect timeout. The first connect's failure fails the rest."""
+    url = {"refused": refused_url, "dns": lambda: "http://backend.invalid:8080",
+           "blackholed": lambda: request.getfixturevalue("blackhole")}[kind]()
+    gateway = Gateway(r)
+    for i in range(50):
+        gateway.cache_report("555", Credentials({"app_id": f"app{i}", "app_key": "k"}), "hits", 1)
+    backend = make_client(url, ServiceCredentials("pk-test"), 1.0, 2)
+    tried_before = {e: backend_calls_recorded(e) for e in ("report", "authorize")}
+    try:
+        result = Flusher(Storage(connect(redis_server.url)), backend,
+                         FlushSettings(report_auth_wait=0, concurrency=1)).flush_once()
+    finally:
+        backend.close()
+    assert result.failed == 50 and result.delivered == 0, result.summary()
+    tried = {e: backend_calls_recorded(e) - tried_before[e] for e in tried_before}
+    assert tried["report"] == 1 and tried["authorize"] <= 1, tried
+    assert r.scard("report_keys") == 50

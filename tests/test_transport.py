@@ -123,6 +123,10 @@ def test_stale_keep_alive_connection_is_retried_once():
     (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nokk", "Content-Length"),
     (b"HTTP/1.1 2000 OK\r\nContent-Length: 2\r\n\r\nok", "status line"),
     (b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\nok", "file size"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n", "head truncated"),  # closed before the blank line
+    (b"HTTP/1.1 200 OK\r\n", "head truncated"),
+    (b"HTTP/1.1 200 OK\r\nX-Big: " + b"y" * 200000 + b"\r\n\r\n", "too large"),
+    (b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n", "proxy refused"),
 ])
 def test_broken_responses_are_errors_for_that_call(reply, message):
     server = ScriptedServer([lambda conn: (conn.sendall(reply), conn.shutdown(socket.SHUT_WR))])

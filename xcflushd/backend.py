@@ -77,7 +77,7 @@ class AuthStatus(NamedTuple):
 def _parse_xml(body: bytes, what: str):
     try:
         return fromstring(body, forbid_dtd=True)
-    except (ParseError, DefusedXmlException, ValueError) as exc:
+    except (ParseError, DefusedXmlException, ValueError, LookupError) as exc:  # LookupError: unknown encoding
         raise BackendUnavailable(f"{what}: unparsable XML ({type(exc).__name__})") from None
 
 
@@ -86,8 +86,9 @@ def _error_from(resp: Response, what: str) -> BackendRejected:
     if resp.body.strip():
         try:
             root = _parse_xml(resp.body, what)
-            if root.tag == "error":
-                code, message = root.get("code", ""), (root.text or "")[:200]
+            if root.tag == "error":  # one line, bounded: it goes into logs and the dead-letter entry
+                code, message = root.get("code", "")[:100], " ".join((root.text or "")[:4000].split())[:200]
+                code = "".join(c if c.isprintable() and not c.isspace() else "?" for c in code)
         except BackendUnavailable:
             message = "body is not an error document"
     return BackendRejected(resp.status, code, _scrub(message))

@@ -46,6 +46,7 @@ _BEAT = 0.5                    # the engine loop wakes at least this often (watc
 _STATUS_LINE = re.compile(rb"HTTP/[0-9](?:\.[0-9])? [1-5][0-9][0-9](?:[ \r\n]|$)")
 _CONNECT_ERRORS = frozenset({pycurl.E_COULDNT_RESOLVE_HOST, pycurl.E_COULDNT_RESOLVE_PROXY,
                              pycurl.E_COULDNT_CONNECT})
+_PROXY_REFUSED = "proxy refused our credentials (HTTP 407)"
 _ENDPOINTS = {"/transactions/authorize.xml": "authorize", "/transactions/oauth_authorize.xml": "oauth_authorize",
               "/transactions.xml": "report"}
 
@@ -113,10 +114,12 @@ class _Slot:
         head = self.head
         start = 0
         for i, line in enumerate(head):  # the last head: after 1xx answers or a proxy's CONNECT answer
-            if line[:5] == b"HTTP/":
+            if line[:5].upper() == b"HTTP/":  # libcurl takes "http/1.1" too: seen here, refused below
                 start = i
         if not head or not _STATUS_LINE.match(head[start]):
             return "malformed status line"
+        if b"\r\n" not in head[start:] and b"\n" not in head[start:]:  # no blank line: libcurl 8
+            return "response head truncated"                           # takes a head cut off by a close as whole
         headers = {}
         for line in head[start + 1:]:
             name, sep, value = line.partition(b":")
@@ -463,6 +466,10 @@ class Engine:
         call, slot.call = slot.call, None
         seconds = time.monotonic() - slot.started
         response = slot.response(h.getinfo(pycurl.RESPONSE_CODE)) if errno is None else None
+        if isinstance(response, Response) and response.status == 407:
+            response = _PROXY_REFUSED  # the proxy's answer, not the backend's: not delivered
+        elif errno is not None and h.getinfo(pycurl.HTTP_CONNECTCODE) == 407:
+            response = _PROXY_REFUSED + " to CONNECT"
         if isinstance(response, Response):
             outcome: Outcome = response
             code: Optional[int] = response.status
@@ -494,7 +501,8 @@ class Engine:
             self._notify.add(call.event)
 
     def _reason(self, errno: Optional[int], message: str, request: Request) -> str:
-        text = " ".join(str(message).split())
+        # CURLE_TOO_LARGE (a head over libcurl's limits) comes without a message
+        text = " ".join(str(message).split()) or ("too large" if errno == 100 else "no reason given")
         query = request.url.partition("?")[2]
         if query:
             text = text.replace(query, "...")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from xcflushd import defaults
+from xcflushd.config import CREDENTIAL_FILES
 
 pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                                 reason="systemd-analyze not installed (Debian package systemd)")
@@ -91,7 +92,8 @@ def test_redis_and_network_are_soft_dependencies(unit):
 def test_secrets_only_through_credentials(unit):
     service = unit["Service"]
     names = {c.split(":", 1)[0] for c in service["LoadCredential"]}
-    assert names == {"provider_key", "service_tokens", "redis_password"}
+    assert names == {"provider_key", "service_tokens", "redis_password", "backend_proxy_password"}
+    assert names == set(CREDENTIAL_FILES)  # every credential the daemon reads, and no other
     # Relative sources are looked up in the credential store, where a missing
     # file is skipped (an absolute missing path fails the start on systemd 252).
     assert all(not c.split(":", 1)[1].startswith("/") for c in service["LoadCredential"])

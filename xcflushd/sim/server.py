@@ -26,6 +26,7 @@ logger is at DEBUG. Each connection has its own thread, so a held ("timeout") or
 import json
 import logging
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -75,6 +76,14 @@ class _Server(ThreadingHTTPServer):
         self.connections: set = set()
         self.connections_lock = threading.Lock()
         super().__init__(address, _Handler)
+
+    def get_request(self):
+        conn, addr = super().get_request()
+        if self.sim.tls is not None:
+            # The handshake happens on the first read, in the connection's own thread:
+            # a client that never speaks TLS holds only that thread, not the accept loop.
+            conn = self.sim.tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        return conn, addr
 
 
 class _Headers(dict):
@@ -436,12 +445,14 @@ class Simulator:
     ``latency`` (seconds) delays every 3scale call; ``faults`` is a fault config
     (:mod:`xcflushd.sim.faults`); ``clock`` (POSIX seconds) fixes the backend's time for
     exact period boundaries in tests. ``backend`` is the thread-safe :class:`Backend`.
+    ``tls`` (a server-side ``ssl.SSLContext``) serves HTTPS instead of HTTP.
     """
 
     def __init__(self, config: Dict[str, Any], host: str = "127.0.0.1", port: int = 0,
                  latency: float = 0.0, faults: Optional[Dict[str, Any]] = None,
-                 clock=None):
+                 clock=None, tls: Optional[ssl.SSLContext] = None):
         self.backend = Backend(config, clock=clock)
+        self.tls = tls
         if faults:
             self.backend.set_faults(faults)
         self.latency = float(latency)
@@ -465,11 +476,12 @@ class Simulator:
 
     @property
     def url(self) -> str:
-        """``http://127.0.0.1:<port>`` (the bound port, also when started with port 0)."""
+        """``http://127.0.0.1:<port>`` (the bound port, also when started with port 0); https with ``tls``."""
         if self._server is None:
             raise RuntimeError("the simulator is not started")
         host, port = self._server.server_address[:2]
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
     def stop(self) -> None:
         """Stop serving and drop open connections (held "timeout" requests end at once)."""
