@@ -3,17 +3,18 @@
 Builds the calls (parameters encoded once, decision 2; extensions
 ``hierarchy=1`` and ``rejection_reason_header=1``, decision 3), sends them
 through ``transport`` (libcurl), and turns answers into AuthStatus values or errors.
-Responses are parsed with defusedxml (no DTDs, so no entity expansion);
-anything that is not the API's XML fails that call only, never the daemon.
+Responses are parsed with expat in C: a first pass refuses any DTD (so no
+entity can be declared, let alone expanded, as defusedxml's ``forbid_dtd``),
+then ElementTree's C parser builds the tree. defusedxml does the same guard
+with a pure-Python tree builder, which cost about 30 us of a call's ~130 us.
+Anything that is not the API's XML fails that call only, never the daemon.
 """
 
 import logging
+import pyexpat
 import urllib.parse
 from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
-from xml.etree.ElementTree import ParseError
-
-from defusedxml import DefusedXmlException
-from defusedxml.ElementTree import fromstring
+from xml.etree.ElementTree import Element, ParseError, XMLParser
 
 from .errors import BackendError, BackendRejected, BackendUnavailable
 from .keys import Credentials
@@ -74,10 +75,27 @@ class AuthStatus(NamedTuple):
     hierarchy: Dict[str, List[str]]
 
 
-def _parse_xml(body: bytes, what: str):
+class DTDForbidden(ValueError):
+    """The document declares a DTD: it could declare entities, which the API never sends."""
+
+
+def _refuse_dtd(*_args) -> None:
+    raise DTDForbidden("DTD")
+
+
+def _parse_xml(body: bytes, what: str) -> Element:
     try:
-        return fromstring(body, forbid_dtd=True)
-    except (ParseError, DefusedXmlException, ValueError) as exc:
+        # Pass 1: well-formed and DTD-free, no tree built (only these two
+        # handlers exist, so it stays in C). Pass 2 runs on a document that
+        # cannot hold an entity declaration.
+        check = pyexpat.ParserCreate()
+        check.StartDoctypeDeclHandler = _refuse_dtd
+        check.EntityDeclHandler = _refuse_dtd
+        check.Parse(body, True)
+        parser = XMLParser()
+        parser.feed(body)
+        return parser.close()
+    except (ParseError, pyexpat.ExpatError, ValueError) as exc:
         raise BackendUnavailable(f"{what}: unparsable XML ({type(exc).__name__})") from None
 
 
