@@ -12,6 +12,7 @@ Anything that is not the API's XML fails that call only, never the daemon.
 
 import logging
 import pyexpat
+import re
 import urllib.parse
 from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 from xml.etree.ElementTree import Element, ParseError, XMLParser
@@ -33,6 +34,20 @@ APPLICATION_ERRORS = frozenset({
 # Per-call credentials we send on authorize. user_id is never sent: the
 # current backend rejects it (decision 2).
 _AUTH_PARAMS = ("app_id", "app_key", "user_key", "referrer", "access_token")
+# What quote_plus leaves as it is: such a name or value needs no call into urllib.
+_PLAIN = re.compile(r"[A-Za-z0-9_.~-]*\Z").match
+
+
+def urlencode(params: Iterable[Tuple[str, str]]) -> str:
+    """``urllib.parse.urlencode(params, errors="surrogateescape")``, for str names and values.
+
+    Credentials and metric names are nearly always plain ASCII: those are
+    passed through, the rest go to quote_plus. The same string as urllib's,
+    for a quarter of the CPU (four Python calls per name and per value there).
+    """
+    quote = urllib.parse.quote_plus
+    return "&".join((k if _PLAIN(k) else quote(k, errors="surrogateescape")) + "=" +
+                    (v if _PLAIN(v) else quote(v, errors="surrogateescape")) for k, v in params)
 
 
 class ServiceCredentials:
@@ -196,14 +211,14 @@ class BackendClient:
                 _warn_user_id_once()
         params += self.service_credentials.params(service_id)
         path = "/transactions/oauth_authorize.xml" if creds.oauth else "/transactions/authorize.xml"
-        return self.transport.build("GET", path, urllib.parse.urlencode(params, errors="surrogateescape"),
+        return self.transport.build("GET", path, urlencode(params),
                                     headers={"3scale-options": EXTENSIONS})
 
     def _report_request(self, service_id: str, transactions: Sequence[Tuple[Credentials, Dict[str, int]]]) -> Request:
         params = self.service_credentials.params(service_id)
         for i, (creds, usage) in enumerate(transactions):
             params.extend(transaction_params(i, creds, usage))
-        body = urllib.parse.urlencode(params, errors="surrogateescape").encode()
+        body = urlencode(params).encode()
         return self.transport.build("POST", "/transactions.xml", body=body,
                                     headers={"Content-Type": "application/x-www-form-urlencoded"},
                                     weight=len(transactions))
