@@ -85,8 +85,11 @@ class _Call:
 class _Slot:
     """An easy handle with the state of the transfer it carries.
 
-    Body and header lines are collected by C-level ``list.append`` callbacks
-    (a Python callback per line costs a measurable share of a call's CPU);
+    The body goes into a bytearray and header lines into a list, both by
+    C-level callbacks (a Python callback per line costs a measurable share of
+    a call's CPU). A bytearray, not a list of chunks: libcurl hands over each
+    chunk of a chunked body on its own, and a list of 1-byte chunks held ~40
+    bytes of objects per body byte (78 MB peak RSS for 400 KB of 1-byte chunks);
     the body cap is libcurl's MAXFILESIZE, which since 8.4 also aborts a
     transfer while it receives, and libcurl bounds the head itself.
     """
@@ -96,9 +99,9 @@ class _Slot:
     def __init__(self, handle: pycurl.Curl):
         self.handle = handle
         self.call: Optional[_Call] = None
-        self.chunks: List[bytes] = []
+        self.chunks = bytearray()
         self.head: List[bytes] = []
-        handle.setopt(pycurl.WRITEFUNCTION, self.chunks.append)
+        handle.setopt(pycurl.WRITEFUNCTION, self.chunks.extend)
         handle.setopt(pycurl.HEADERFUNCTION, self.head.append)
         self.started = 0.0
 
@@ -122,7 +125,7 @@ class _Slot:
             name, sep, value = line.partition(b":")
             if sep:
                 headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
-        return Response(status, headers, b"".join(self.chunks))
+        return Response(status, headers, bytes(self.chunks))
 
 
 def _system_ca() -> Tuple[Optional[str], Optional[str]]:
