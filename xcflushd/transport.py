@@ -26,7 +26,7 @@ import collections
 import logging
 import os
 import re
-import selectors
+import select
 import ssl
 import threading
 import time
@@ -175,11 +175,14 @@ class Engine:
         self.multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
         self.multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
         self.multi.setopt(pycurl.M_MAXCONNECTS, max_connections)
-        self.selector = selectors.DefaultSelector()
+        # epoll itself, not the selectors module: libcurl's socket callback
+        # runs twice per call (a connection is unwatched between transfers),
+        # and selectors' bookkeeping cost ~10 % of the engine's Python time.
+        self.selector = select.epoll()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self.selector.register(self._wake_r, selectors.EVENT_READ)
+        self.selector.register(self._wake_r, select.EPOLLIN)
         self._fixed_headers = [f"X-3scale-User-Agent: plugin-python-xcflushd-v{__version__}"]
         self._cafile, self._capath = (ca_file, None) if ca_file else _system_ca()
 
@@ -365,19 +368,20 @@ class Engine:
             if self._flush or (self._priority and self._priority_in_flight < self.priority_concurrency):
                 timeout = 0.0  # submitted meanwhile: look, do not sleep
             self._sleeping = timeout > 0
-        events = self.selector.select(timeout)
+        events = self.selector.poll(timeout)
         self._sleeping = False
-        for key, mask in events:
-            if key.fd == self._wake_r:
+        for fd, mask in events:
+            if fd == self._wake_r:
                 try:
                     while os.read(self._wake_r, 4096):
                         pass
                 except BlockingIOError:
                     pass
                 continue
-            flags = (pycurl.CSELECT_IN if mask & selectors.EVENT_READ else 0) | \
-                    (pycurl.CSELECT_OUT if mask & selectors.EVENT_WRITE else 0)
-            self.multi.socket_action(key.fd, flags)
+            # As selectors: an error or hang-up wakes the reader and the writer.
+            flags = (pycurl.CSELECT_IN if mask & ~select.EPOLLOUT else 0) | \
+                    (pycurl.CSELECT_OUT if mask & ~select.EPOLLIN else 0)
+            self.multi.socket_action(fd, flags)
         if self._timer is not None and time.monotonic() >= self._timer:
             self._timer = None
             self.multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
@@ -393,14 +397,14 @@ class Engine:
         if what == pycurl.POLL_REMOVE:
             try:
                 self.selector.unregister(fd)
-            except (KeyError, ValueError):
-                pass
+            except (OSError, ValueError):
+                pass  # closed already: epoll forgot it by itself
             return
-        events = (selectors.EVENT_READ if what & pycurl.POLL_IN else 0) | \
-                 (selectors.EVENT_WRITE if what & pycurl.POLL_OUT else 0)
+        events = (select.EPOLLIN if what & pycurl.POLL_IN else 0) | \
+                 (select.EPOLLOUT if what & pycurl.POLL_OUT else 0)
         try:
             self.selector.modify(fd, events)
-        except KeyError:
+        except FileNotFoundError:
             self.selector.register(fd, events)
 
     def _on_timer(self, timeout_ms: int) -> None:
