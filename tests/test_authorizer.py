@@ -94,6 +94,17 @@ def test_garbage_is_an_error_for_that_call(status, body, ctype):
         parse_status(response(status, body, ctype))
 
 
+@pytest.mark.parametrize("body", [
+    b'<?xml version="1.0"?><!DOCTYPE status><status><authorized>true</authorized></status>',
+    b'<!DOCTYPE s SYSTEM "file:///etc/passwd"><status><authorized>true</authorized></status>',
+    '<?xml version="1.0" encoding="UTF-16"?><!DOCTYPE s [<!ENTITY a "true">]>'
+    '<status><authorized>&a;</authorized></status>'.encode("utf-16"),
+])
+def test_a_status_document_declaring_a_dtd_is_refused_whatever_its_encoding(body):
+    with pytest.raises(BackendUnavailable, match="DTDForbidden"):
+        parse_status(Response(200, {"content-type": XML}, body))
+
+
 def test_empty_4xx_is_an_error_not_a_denial():
     with pytest.raises(BackendRejected):
         parse_status(response(403, "", None))

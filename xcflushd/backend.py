@@ -3,17 +3,19 @@
 Builds the calls (parameters encoded once, decision 2; extensions
 ``hierarchy=1`` and ``rejection_reason_header=1``, decision 3), sends them
 through ``transport`` (libcurl), and turns answers into AuthStatus values or errors.
-Responses are parsed with defusedxml (no DTDs, so no entity expansion);
-anything that is not the API's XML fails that call only, never the daemon.
+Responses are parsed with expat in C: a first pass refuses any DTD (so no
+entity can be declared, let alone expanded, as defusedxml's ``forbid_dtd``),
+then ElementTree's C parser builds the tree. defusedxml does the same guard
+with a pure-Python tree builder, which cost about 30 us of a call's ~130 us.
+Anything that is not the API's XML fails that call only, never the daemon.
 """
 
 import logging
+import pyexpat
+import re
 import urllib.parse
 from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
-from xml.etree.ElementTree import ParseError
-
-from defusedxml import DefusedXmlException
-from defusedxml.ElementTree import fromstring
+from xml.etree.ElementTree import Element, ParseError, XMLParser
 
 from .errors import BackendError, BackendRejected, BackendUnavailable
 from .keys import Credentials
@@ -32,6 +34,20 @@ APPLICATION_ERRORS = frozenset({
 # Per-call credentials we send on authorize. user_id is never sent: the
 # current backend rejects it (decision 2).
 _AUTH_PARAMS = ("app_id", "app_key", "user_key", "referrer", "access_token")
+# What quote_plus leaves as it is: such a name or value needs no call into urllib.
+_PLAIN = re.compile(r"[A-Za-z0-9_.~-]*\Z").match
+
+
+def urlencode(params: Iterable[Tuple[str, str]]) -> str:
+    """``urllib.parse.urlencode(params, errors="surrogateescape")``, for str names and values.
+
+    Credentials and metric names are nearly always plain ASCII: those are
+    passed through, the rest go to quote_plus. The same string as urllib's,
+    for a quarter of the CPU (four Python calls per name and per value there).
+    """
+    quote = urllib.parse.quote_plus
+    return "&".join((k if _PLAIN(k) else quote(k, errors="surrogateescape")) + "=" +
+                    (v if _PLAIN(v) else quote(v, errors="surrogateescape")) for k, v in params)
 
 
 class ServiceCredentials:
@@ -74,10 +90,27 @@ class AuthStatus(NamedTuple):
     hierarchy: Dict[str, List[str]]
 
 
-def _parse_xml(body: bytes, what: str):
+class DTDForbidden(ValueError):
+    """The document declares a DTD: it could declare entities, which the API never sends."""
+
+
+def _refuse_dtd(*_args) -> None:
+    raise DTDForbidden("DTD")
+
+
+def _parse_xml(body: bytes, what: str) -> Element:
     try:
-        return fromstring(body, forbid_dtd=True)
-    except (ParseError, DefusedXmlException, ValueError, LookupError) as exc:  # LookupError: unknown encoding
+        # Pass 1: well-formed and DTD-free, no tree built (only these two
+        # handlers exist, so it stays in C). Pass 2 runs on a document that
+        # cannot hold an entity declaration.
+        check = pyexpat.ParserCreate()
+        check.StartDoctypeDeclHandler = _refuse_dtd
+        check.EntityDeclHandler = _refuse_dtd
+        check.Parse(body, True)
+        parser = XMLParser()
+        parser.feed(body)
+        return parser.close()
+    except (ParseError, pyexpat.ExpatError, ValueError, LookupError) as exc:  # LookupError: unknown encoding
         raise BackendUnavailable(f"{what}: unparsable XML ({type(exc).__name__})") from None
 
 
@@ -179,14 +212,14 @@ class BackendClient:
                 _warn_user_id_once()
         params += self.service_credentials.params(service_id)
         path = "/transactions/oauth_authorize.xml" if creds.oauth else "/transactions/authorize.xml"
-        return self.transport.build("GET", path, urllib.parse.urlencode(params, errors="surrogateescape"),
+        return self.transport.build("GET", path, urlencode(params),
                                     headers={"3scale-options": EXTENSIONS})
 
     def _report_request(self, service_id: str, transactions: Sequence[Tuple[Credentials, Dict[str, int]]]) -> Request:
         params = self.service_credentials.params(service_id)
         for i, (creds, usage) in enumerate(transactions):
             params.extend(transaction_params(i, creds, usage))
-        body = urllib.parse.urlencode(params, errors="surrogateescape").encode()
+        body = urlencode(params).encode()
         return self.transport.build("POST", "/transactions.xml", body=body,
                                     headers={"Content-Type": "application/x-www-form-urlencoded"},
                                     weight=len(transactions))

@@ -7,7 +7,20 @@ and runs ``xcflushd flush`` as a child process to measure per-phase wall time
 (from its log line), backend calls by endpoint, CPU seconds and peak RSS
 (wait4). The priority path is measured against ``xcflushd run``: added latency
 (publish -> answer, minus the simulated latency) at a steady rate of distinct
-requests, and backend calls for a burst of identical requests.
+requests, backend calls for a burst of identical requests, and the
+cold-cache storm: thousands of distinct requests published at once against a
+30 ms backend, with the daemon's default settings, measured as the gateway
+sees it (answered within its 3 s REDIS_TIMEOUT, or denied).
+
+CPU per backend call is measured twice: in a child process running only the
+engine and the authorize parsing (process CPU and the engine thread's own CPU,
+from /proc), and for whole flush cycles (the cycle's CPU less an empty
+cycle's, per backend call). The hostile-backend table runs ``xcflushd flush``
+against a raw socket server answering each broken framing: seconds to the
+failed call, whether the report stayed in Redis, peak RSS.
+
+The machine is shared: CPU time, not wall time, is what compares between runs.
+``--quick`` (or XCFLUSHD_BENCH_QUICK=1) runs everything once, in a few minutes.
 
 Results: a JSON file, a table on stdout and, for several N, a PNG plot of
 cycle time against N. Every parameter is a flag; defaults are the targets'
@@ -28,6 +41,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from typing import Optional
 
 import redis
 
@@ -291,6 +305,299 @@ def _burst(stack: Stack, count: int) -> int:
     return answers
 
 
+# ---- the cold-cache storm -----------------------------------------------------------
+
+def _proc_cpu(pid: int, tid: Optional[int] = None) -> float:
+    """CPU seconds (user + system) of a process, or of one of its threads, from /proc."""
+    path = f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat"
+    with open(path) as fh:
+        fields = fh.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_storm(args, workdir: str):
+    """``args.storm`` distinct priority requests published at once; the daemon runs its defaults.
+
+    Every request needs a backend authorize (distinct referrers: no dedup, no
+    cache). The answer times are what a gateway sees from the publish; what is
+    not answered within 3 s is what apicast-xc would have denied.
+    """
+    stack = Stack(1000, args.storm_latency_ms, tempfile.mkdtemp(dir=workdir))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XCFLUSHD_")}
+    env["XCFLUSHD_METRICS_LISTEN"] = ""
+    # Defaults: no --threads, no --prio-threads.
+    argv = [sys.executable, "-m", "xcflushd", "run", "--redis", f"127.0.0.1:{stack.redis_port}",
+            "--backend", stack.sim_url, "--provider-key-file", stack.key_file, "-c", os.devnull]
+    if args.storm_prio_threads:
+        argv += ["--prio-threads", str(args.storm_prio_threads)]
+    daemon = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    runs = []
+    try:
+        for line in daemon.stdout:
+            if "ready:" in line:
+                break
+        threading.Thread(target=lambda: [None for _ in daemon.stdout], daemon=True).start()
+        for run in range(args.storm_runs):
+            stack.sim_reset()
+            cpu_before = _proc_cpu(daemon.pid)
+            latencies, unanswered = _storm_once(stack, args.storm, f"s{run}")
+            cpu = _proc_cpu(daemon.pid) - cpu_before
+            calls = stack.sim_state()["calls"].get("authorize", 0)
+            runs.append(_storm_summary(latencies, unanswered, args.storm, cpu, calls))
+            time.sleep(1.0)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(30)
+        stack.close()
+    return {"requests": args.storm, "backend_latency_ms": args.storm_latency_ms,
+            "prio_threads": args.storm_prio_threads or defaults.PRIO_THREADS, "runs": runs}
+
+
+def _storm_once(stack: Stack, count: int, tag: str, wait: float = 15.0):
+    listener = stack.r.pubsub()
+    listener.psubscribe("xc_channel_auth_response:*")
+    listener.get_message(timeout=1)
+    messages = []
+    for i in range(count):
+        service_id, creds = stack.apps[i % len(stack.apps)]
+        creds = Credentials(dict(creds.items(), referrer=f"{tag}-{i}.example"))
+        messages.append(auth_request_message(service_id, creds, "hits"))
+    waiting = set(messages)
+    latencies = []
+    pipe = stack.r.pipeline(transaction=False)
+    for msg in messages:
+        pipe.publish("xc_channel_auth_requests", msg)
+    start = time.perf_counter()
+    pipe.execute()
+    deadline = start + wait
+    prefix = len("xc_channel_auth_response:")
+    while waiting and time.perf_counter() < deadline:
+        msg = listener.get_message(timeout=0.2)
+        if msg and msg["type"] == "pmessage":
+            key = msg["channel"][prefix:]
+            if key in waiting:
+                waiting.discard(key)
+                latencies.append(time.perf_counter() - start)
+    listener.close()
+    return sorted(latencies), len(waiting)
+
+
+def _storm_summary(latencies, unanswered, sent, cpu, calls):
+    within = sum(1 for t in latencies if t <= 3.0)
+    return {"sent": sent, "answered": len(latencies), "unanswered_after_15s": unanswered,
+            "within_3s_pct": round(100.0 * within / sent, 2),
+            "p50_s": round(_pct(latencies, 50), 3), "p99_s": round(_pct(latencies, 99), 3),
+            "max_s": round(latencies[-1], 3) if latencies else None,
+            "backend_calls": calls, "daemon_cpu_s": round(cpu, 2),
+            "cpu_us_per_call": round(cpu / calls * 1e6) if calls else None}
+
+
+# ---- CPU per backend call --------------------------------------------------------------
+
+# The engine and the authorize parsing alone, in a child (its own CPU counters,
+# nothing else of the daemon): CPU of the process and of the engine thread.
+_CPU_CHILD = r"""
+import json, os, resource, sys, time
+from xcflushd.backend import make_client, ServiceCredentials
+from xcflushd.keys import Credentials
+
+url, key, apps, n, concurrency = json.loads(sys.argv[1])
+apps = [(s, Credentials(c)) for s, c in apps]
+client = make_client(url, ServiceCredentials(key), 5.0, 10.0)
+engine = client.transport
+
+def items(count):
+    for i in range(count):
+        service_id, creds = apps[i % len(apps)]
+        yield i, service_id, creds
+
+def thread_cpu(tid):
+    with open(f"/proc/self/task/{tid}/stat") as fh:
+        fields = fh.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+def process_cpu():
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime + u.ru_stime
+
+for _ in client.authorize_many(items(500), concurrency):  # warm: connections, caches
+    pass
+tid = engine._thread.native_id
+c0, e0, w0 = process_cpu(), thread_cpu(tid), time.perf_counter()
+failed = 0
+for _, outcome in client.authorize_many(items(n), concurrency):
+    failed += not hasattr(outcome, "authorized")
+c1, e1, w1 = process_cpu(), thread_cpu(tid), time.perf_counter()
+client.close()
+print(json.dumps({"calls": n, "failed": failed, "wall_s": w1 - w0, "process_us": (c1 - c0) / n * 1e6,
+                  "engine_thread_us": (e1 - e0) / n * 1e6}))
+"""
+
+
+def bench_cpu_per_call(args, workdir: str):
+    stack = Stack(1000, args.latency_ms, tempfile.mkdtemp(dir=workdir))
+    apps = [(s, dict(c.items())) for s, c in stack.apps]
+    runs = []
+    try:
+        for _ in range(args.cpu_runs):
+            out = subprocess.run([sys.executable, "-c", _CPU_CHILD,
+                                  json.dumps([stack.sim_url, stack.config["provider_key"], apps,
+                                              args.cpu_calls, args.threads])],
+                                 capture_output=True, text=True, timeout=300,
+                                 env={k: v for k, v in os.environ.items() if not k.startswith("XCFLUSHD_")})
+            if out.returncode != 0:
+                raise RuntimeError(f"cpu child failed:\n{out.stderr[-2000:]}")
+            runs.append(json.loads(out.stdout))
+    finally:
+        stack.close()
+    proc = sorted(r["process_us"] for r in runs)
+    eng = sorted(r["engine_thread_us"] for r in runs)
+    return {"calls": args.cpu_calls, "in_flight": args.threads, "backend_latency_ms": args.latency_ms,
+            "process_us": {"median": round(statistics.median(proc), 1), "min": round(proc[0], 1),
+                           "max": round(proc[-1], 1)},
+            "engine_thread_us": {"median": round(statistics.median(eng), 1), "min": round(eng[0], 1),
+                                 "max": round(eng[-1], 1)},
+            "failed": sum(r["failed"] for r in runs),
+            "wall_s": [round(r["wall_s"], 3) for r in runs]}
+
+
+def empty_cycle_cpu(args, workdir: str) -> float:
+    """CPU seconds of a flush cycle with nothing pending: start-up and Redis set-up, no backend call."""
+    stack = Stack(10, args.latency_ms, tempfile.mkdtemp(dir=workdir))
+    try:
+        cpus = []
+        for _ in range(3):
+            env = {k: v for k, v in os.environ.items() if not k.startswith("XCFLUSHD_")}
+            _, cpu, _, _ = launch([sys.executable, "-m", "xcflushd", "flush", *stack.daemon_args(args.threads),
+                                   "--report-auth-wait", "0"], env)
+            cpus.append(cpu)
+        return statistics.median(cpus)
+    finally:
+        stack.close()
+
+
+# ---- hostile backend ----------------------------------------------------------------------
+
+_XML = (b'<?xml version="1.0" encoding="UTF-8"?><status><authorized>true</authorized>'
+        b'<plan>Basic</plan></status>')
+
+
+def _head(extra: bytes, status: bytes = b"HTTP/1.1 200 OK") -> bytes:
+    return status + b"\r\nContent-Type: application/xml\r\n" + extra + b"\r\n"
+
+
+#: kind -> what the server does after reading a request: (bytes to send, then "close" | "stall" | "stream")
+HOSTILE = {
+    "well-formed 200 (control)": (_head(b"Content-Length: %d\r\n" % len(_XML)) + _XML, "close"),
+    "conflicting Content-Length": (_head(b"Content-Length: 10\r\nContent-Length: 20\r\n") + b"x" * 20, "close"),
+    "chunk size -6": (_head(b"Transfer-Encoding: chunked\r\n") + b"-6\r\nabcdef\r\n0\r\n\r\n", "close"),
+    "chunk size not hex": (_head(b"Transfer-Encoding: chunked\r\n") + b"zz\r\nabcdef\r\n0\r\n\r\n", "close"),
+    "one 256 MiB chunk": (_head(b"Transfer-Encoding: chunked\r\n") + b"10000000\r\n", "stream"),
+    "Content-Length 256 MiB": (_head(b"Content-Length: 268435456\r\n"), "stream"),
+    "no length, endless body": (_head(b"Connection: close\r\n"), "stream"),
+    "400 KB of 1-byte chunks": (_head(b"Transfer-Encoding: chunked\r\n") + b"1\r\nx\r\n" * 400_000 + b"0\r\n\r\n",
+                                "close"),
+    "truncated body, closed": (_head(b"Content-Length: 100\r\n") + b"x" * 10, "close"),
+    "status line garbage": (b"\x00\xffGARBAGE 42 nope\r\n\r\nbody", "close"),
+    "HTTP/0.9 (no status line)": (b"<status><authorized>true</authorized></status>", "close"),
+    "closed without answer": (b"", "close"),
+    "stalls mid-body": (_head(b"Content-Length: 100\r\n") + b"x" * 10, "stall"),
+    "stalls before answering": (b"", "stall"),
+}
+
+
+class HostileServer:
+    """A raw socket server answering every request with one broken response kind."""
+
+    def __init__(self, kind: str):
+        self.payload, self.after = HOSTILE[kind]
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.stopping = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        conn.settimeout(60)
+        try:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            m = re.search(rb"(?i)content-length:\s*(\d+)", head)
+            while m and len(body) < int(m.group(1)):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                body += chunk
+            conn.sendall(self.payload)
+            if self.after == "stream":
+                block = b"x" * 65536
+                while not self.stopping.is_set():
+                    conn.sendall(block)
+            elif self.after == "stall":
+                while not self.stopping.is_set() and conn.recv(65536):
+                    pass
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self):
+        self.stopping.set()
+        self.sock.close()
+
+
+def bench_hostile(args, workdir: str):
+    """One pending report, ``xcflushd flush`` against each kind: time to the failed call, report kept, RSS."""
+    stack = Stack(10, 0, tempfile.mkdtemp(dir=workdir))
+    rows = []
+    try:
+        service_id, creds = stack.apps[0]
+        key = report_key(service_id, creds)
+        for kind in HOSTILE:
+            stack.r.flushall()
+            stack.r.hincrby(key, "hits", 3)
+            stack.r.sadd("report_keys", key)
+            server = HostileServer(kind)
+            env = {k: v for k, v in os.environ.items() if not k.startswith("XCFLUSHD_")}
+            argv = [sys.executable, "-m", "xcflushd", "flush", "--redis", f"127.0.0.1:{stack.redis_port}",
+                    "--backend", server.url, "--provider-key-file", stack.key_file, "-c", os.devnull,
+                    "--report-auth-wait", "0"]
+            try:
+                _, _, maxrss, output = launch(argv, env)
+            finally:
+                server.close()
+            line = next((ln for ln in output.splitlines() if "flush cycle:" in ln), "")
+            phases = {k: int(v) / 1000 for k, v in PHASES.findall(line)}
+            failed = re.search(r"failed=(\d+)", line)
+            reason = re.search(r"kept for the next cycle: (.*)", output)
+            reason = reason.group(1) if reason else ""
+            kept = stack.r.hget(key, "hits") == "3" or any(
+                stack.r.hget(k, "hits") == "3" for k in stack.r.keys("*") if k != key and stack.r.type(k) == "hash")
+            rows.append({"kind": kind, "report_call_s": phases.get("report"),
+                         "authorize_call_s": phases.get("authorize"),
+                         "failed": int(failed.group(1)) if failed else None, "report_kept": kept,
+                         "peak_rss_mb": round(maxrss / 1024, 1), "reason": reason[-140:]})
+            print(f"hostile: {kind} done", flush=True)
+    finally:
+        stack.close()
+    return rows
+
+
 def plot(results, path):
     try:
         import matplotlib
@@ -328,11 +635,45 @@ def table(report):
               f"p50 {p['added_latency_ms']['p50']} ms, p99 {p['added_latency_ms']['p99']} ms; burst of "
               f"{p['burst']['identical_requests']} identical -> {p['burst']['backend_calls']} backend call(s), "
               f"{p['burst']['answers']} answers")
+    empty = report.get("empty_cycle_cpu_s")
+    if empty is not None:
+        for c in report["cycles"]:
+            for kind in ("cold", "steady"):
+                d = c[kind]
+                calls = sum(d["calls"].get(k, 0) for k in ("authorize", "report", "oauth_authorize"))
+                print(f"cycle CPU per backend call, N={c['n']} {kind}: "
+                      f"{(d['cpu_s'] - empty) / calls * 1e6:.0f} us (cycle {d['cpu_s']:.2f} s less an empty "
+                      f"cycle's {empty:.2f} s, over {calls} calls)")
+    if report.get("cpu_per_call"):
+        c = report["cpu_per_call"]
+        print(f"engine CPU per authorize call ({c['calls']} calls, {c['in_flight']} in flight, "
+              f"{c['backend_latency_ms']:.0f} ms backend): process {c['process_us']['median']} us "
+              f"(min {c['process_us']['min']}, max {c['process_us']['max']}), engine thread "
+              f"{c['engine_thread_us']['median']} us (min {c['engine_thread_us']['min']}, "
+              f"max {c['engine_thread_us']['max']}); target <= 110 us")
+    if report.get("storm"):
+        st = report["storm"]
+        print(f"cold-cache storm: {st['requests']} distinct requests at once, "
+              f"backend {st['backend_latency_ms']:.0f} ms, "
+              f"prio-threads {st['prio_threads']}; target >= 99 % within 3 s, p99 <= 1.5 s")
+        for r in st["runs"]:
+            print(f"  within 3 s {r['within_3s_pct']:6.2f} %  p50 {r['p50_s']:.3f} s  p99 {r['p99_s']:.3f} s  "
+                  f"max {r['max_s']} s  unanswered {r['unanswered_after_15s']}  backend calls {r['backend_calls']}  "
+                  f"daemon CPU {r['daemon_cpu_s']} s ({r['cpu_us_per_call']} us/call)")
+    if report.get("hostile"):
+        print(f"{'hostile backend':>28} {'report call s':>13} {'auth call s':>11} {'failed':>6} {'kept':>5} "
+              f"{'RSS MB':>7}  reason")
+        for r in report["hostile"]:
+            rep = "-" if r["report_call_s"] is None else f"{r['report_call_s']:.3f}"
+            aut = "-" if r["authorize_call_s"] is None else f"{r['authorize_call_s']:.3f}"
+            print(f"{r['kind']:>28} {rep:>13} {aut:>11} {str(r['failed']):>6} {str(r['report_kept']):>5} "
+                  f"{r['peak_rss_mb']:>7.1f}  {r['reason'][:90]}")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, nargs="+", default=[5000], help="pending applications (several: a plot)")
+    p.add_argument("--n", type=int, nargs="+", default=[5000, 50000],
+                   help="pending applications (several: a plot)")
     p.add_argument("--metrics", type=int, default=3, help="metrics per application (1-4)")
     p.add_argument("--latency-ms", type=float, default=5.0, help="simulated backend latency")
     p.add_argument("--threads", type=int, default=defaults.THREADS, help="the daemon's --threads")
@@ -343,8 +684,22 @@ def main():
     p.add_argument("--duration", type=float, default=10.0, help="seconds of priority load")
     p.add_argument("--burst", type=int, default=100, help="identical concurrent priority requests")
     p.add_argument("--no-priority", action="store_true", help="skip the priority-path measurements")
+    p.add_argument("--storm", type=int, default=5000, help="distinct priority requests published at once (0: skip)")
+    p.add_argument("--storm-latency-ms", type=float, default=30.0, help="simulated backend latency for the storm")
+    p.add_argument("--storm-prio-threads", type=int, default=0,
+                   help="the daemon's --prio-threads for the storm (default: the daemon's own default)")
+    p.add_argument("--storm-runs", type=int, default=3, help="storms (one daemon, fresh requests each)")
+    p.add_argument("--cpu-calls", type=int, default=5000, help="authorize calls per CPU-per-call run (0: skip)")
+    p.add_argument("--cpu-runs", type=int, default=5, help="CPU-per-call runs; median, min, max reported")
+    p.add_argument("--no-hostile", action="store_true", help="skip the hostile-backend table")
+    p.add_argument("--only", choices=("cycles", "priority", "storm", "cpu", "hostile"), nargs="+",
+                   help="run only these parts")
+    p.add_argument("--quick", action="store_true", default=bool(os.environ.get("XCFLUSHD_BENCH_QUICK")),
+                   help="everything once, shorter priority load: a few minutes (env XCFLUSHD_BENCH_QUICK=1)")
     p.add_argument("--out", default="tests/bench/results", help="directory for the JSON and the plot")
     args = p.parse_args()
+    if args.quick:
+        args.runs, args.storm_runs, args.cpu_runs, args.duration = 1, 1, 3, 3.0
     if shutil.which("redis-server") is None:
         sys.exit("redis-server not installed (make deps)")
     os.makedirs(args.out, exist_ok=True)
@@ -352,12 +707,25 @@ def main():
     workdir = tempfile.mkdtemp(prefix="xcf-bench-")
     report = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]},
               "params": vars(args), "cycles": []}
+    def part(name):
+        return args.only is None or name in args.only
+
     try:
-        for n in args.n:
-            report["cycles"].append(bench_cycles(n, args, workdir))
-            print(f"N={n} done", flush=True)
-        if not args.no_priority:
+        if part("cycles"):
+            report["empty_cycle_cpu_s"] = round(empty_cycle_cpu(args, workdir), 3)
+            for n in args.n:
+                report["cycles"].append(bench_cycles(n, args, workdir))
+                print(f"N={n} done", flush=True)
+        if part("cpu") and args.cpu_calls:
+            report["cpu_per_call"] = bench_cpu_per_call(args, workdir)
+            print("CPU per call done", flush=True)
+        if part("storm") and args.storm:
+            report["storm"] = bench_storm(args, workdir)
+            print("storm done", flush=True)
+        if part("priority") and not args.no_priority:
             report["priority"] = bench_priority(args, workdir)
+        if part("hostile") and not args.no_hostile:
+            report["hostile"] = bench_hostile(args, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     path = os.path.join(args.out, "bench.json")
