@@ -328,3 +328,22 @@ def test_two_commands_at_once_and_a_flushing_daemon_lose_and_double_nothing(tmp_
                 proc.kill()
                 proc.wait(10)
         sim.stop()
+
+
+def test_it_reads_the_redis_password_file_and_the_config_file_as_run_does(tmp_path, r, redis_server):
+    set_aside(r, [("555", A1, "hits", 2)])
+    r.config_set("requirepass", "s3cret-pw")
+    try:
+        pw = tmp_path / "pw"
+        pw.write_text("s3cret-pw\n")
+        conf = tmp_path / "xcflushd.conf"
+        conf.write_text(f"redis = {redis_server.address}\nredis-password-file = {pw}\n")
+        proc = subprocess.run([sys.executable, "-m", "xcflushd", "dead-letter", "list", "--json", "-c", str(conf)],
+                              capture_output=True, text=True, env=_env(), timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert [e["usage"] for e in json.loads(proc.stdout)] == [{"hits": 2}]
+        code, out, err = cli(redis_server, "dead-letter", "list")  # no password: refused, and said in one line
+        assert code == 2 and out == "" and err.count("\n") == 1 and "s3cret-pw" not in err
+    finally:
+        import redis as redis_py
+        redis_py.Redis(port=redis_server.port, password="s3cret-pw").config_set("requirepass", "")
