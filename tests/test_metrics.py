@@ -299,14 +299,18 @@ def test_backlog_gauges_follow_redis(tmp_path, r, redis_server, daemon_process):
 
 
 def test_stuck_scrapers_block_neither_cycles_nor_priority_answers(tmp_path, r, redis_server, sim, daemon_process):
-    """Scrapers that connect and never finish their request (and one that never reads) change nothing."""
+    """Scrapers that connect and never finish their request, and ones that ask and never read the
+    answer (a 1 KiB receive buffer: most of it stays queued in the kernel), change nothing."""
     daemon = start(daemon_process, redis_server, sim.url, tmp_path)
     daemon.wait_for("ready:")
     host, port = daemon.metrics_address.rsplit(":", 1)
     stuck = []
-    for n in range(20):
-        s = socket.create_connection((host, int(port)))
-        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n" if n % 2 else b"GET /metr")
+    for n in range(21):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        s.connect((host, int(port)))
+        s.sendall((b"GET /metr", b"GET /metrics HTTP/1.1\r\nHost: x\r\n",
+                   b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")[n % 3])
         stuck.append(s)
     try:
         gateway = Gateway(r)

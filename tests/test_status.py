@@ -1,6 +1,7 @@
 """The heartbeat and ``xcflushd status``: against a real daemon and a real redis-server."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -44,11 +45,13 @@ def test_a_live_daemon_is_healthy_and_its_cycle_is_shown(tmp_path, r, redis_serv
     assert code == 0 and doc["healthy"] and doc["problems"] == []
     [record] = doc["daemons"]
     assert record["pid"] == daemon.proc.pid
+    assert record["metrics"] == f"http://{daemon.metrics_address}/metrics"  # where to scrape it
     assert record["last_cycle"]["result"] == "ok" and record["last_cycle"]["backend_error"] is None
     assert doc["dead_letters"] == 0 and doc["reports_pending"] == 0
 
     code, out, _ = status("--redis", redis_server.address)
     assert code == 0 and "daemons alive:  1" in out and "healthy" in out
+    assert f"    metrics http://{daemon.metrics_address}/metrics\n" in out
 
     assert daemon.stop() == 0
     assert not list(r.scan_iter(match=PREFIX + "*"))  # a clean stop removes the record at once
@@ -101,3 +104,21 @@ def test_status_needs_no_backend_credentials_but_reads_the_redis_password_file(t
     finally:
         import redis as redis_py
         redis_py.Redis(port=redis_server.port, password="s3cret-pw").config_set("requirepass", "")
+
+
+def test_a_daemon_whose_flushing_stalled_makes_it_degraded(r, redis_server):
+    """A live heartbeat (the daemon's own writer) from a daemon started 10 minutes ago, flushing
+    every second, that never finished a cycle: alive, but stalled."""
+    import threading
+    import time
+
+    from xcflushd.heartbeat import Heartbeat
+
+    beat = Heartbeat(r, 1, threading.Event(), clock=lambda: time.time() - 600)
+    assert beat.beat()
+    code, out, _ = status("--redis", redis_server.address)
+    assert code == 1 and "daemons alive:  1" in out and "DEGRADED" in out
+    assert re.search(rf"{beat.host}:{beat.pid}: flushing stalled, it started 60[01]s ago \(frequency 1s\)", out), out
+    assert "    metrics not served\n" in out and "no flush cycle finished yet" in out
+    code, out, _ = status("--redis", redis_server.address, "--json")
+    assert code == 1 and json.loads(out)["daemons"][0]["id"] == beat.id

@@ -271,6 +271,11 @@ def _dead_letter(settings, action: str, ids: List[str], options) -> int:
     from .errors import StorageUnavailable
     from .storage import connect
 
+    # Entries quote Redis keys, which may hold bytes that are not UTF-8 or line
+    # breaks: under a strict locale printing them would be a traceback, raw
+    # they could forge lines of the listing.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
     client = connect(settings.redis_url, settings.redis_password, pool_size=2, timeout=5.0)
     try:
         found = deadletter.entries(client)
@@ -292,7 +297,7 @@ def _dead_letter(settings, action: str, ids: List[str], options) -> int:
                 line += ": " + deadletter.refusal_after(entry, outcome)
             if outcome in (deadletter.GONE, deadletter.REFUSED):
                 status = 1
-            print(line)
+            print(line.translate(_CONTROL))  # a refusal may quote metric names from Redis
         if not chosen:
             print("the dead letter is empty")
         return status
@@ -309,10 +314,11 @@ def _render_entries(found) -> str:
     lines = []
     for e in found:
         usage = ",".join(f"{m}={v}" for m, v in sorted(e.usage.items())) or "-"
-        lines.append(f"{e.id}  {e.at or '-'}  service {e.service_id or '-'}  {e.credentials}  usage {usage}")
-        lines.append(f"    why: {e.reason or '-'}")
+        lines.append(f"{e.id}  {e.at or '-'}  service {e.service_id or '-'}  {e.credentials}  usage {usage}"
+                     .translate(_CONTROL))
+        lines.append(f"    why: {e.reason or '-'}".translate(_CONTROL))
         if e.refusal:
-            lines.append(f"    not requeueable: {e.refusal}")
+            lines.append(f"    not requeueable: {e.refusal}".translate(_CONTROL))
     lines.append(f"{len(found)} entr{'y' if len(found) == 1 else 'ies'}; "
                  "`xcflushd dead-letter requeue ID...` retries them, `drop ID...` deletes them")
     return "\n".join(lines)

@@ -109,6 +109,8 @@ class Daemon:
         except ConfigError:
             self._close()
             raise
+        # In the heartbeat too (field "metrics"), so `xcflushd status` says where to scrape each daemon.
+        self.heartbeat.record["metrics"] = f"http://{exporter.display(self.metrics_server.server_address[:2])}/metrics"
 
     def _wait_for_redis(self) -> bool:
         announced = False

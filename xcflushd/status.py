@@ -73,6 +73,7 @@ def render(document: Dict[str, Any], redis_display: str, now: Optional[float] = 
             lines.append(f"  {d.get('host')} pid {d.get('pid')} version {d.get('version')}, "
                          f"up since {_ago(d.get('started_at'), now)}, {d.get('cycles', 0)} cycle(s), "
                          f"every {d.get('frequency')}s")
+            lines.append(f"    metrics {d.get('metrics') or 'not served'}")
             c = d.get("last_cycle")
             if c:
                 lines.append(f"    last cycle {c.get('result')}, ended {_ago(c.get('finished_at'), now)}: "
