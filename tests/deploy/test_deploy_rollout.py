@@ -109,6 +109,24 @@ def test_config_change_restarts_one_batch_at_a_time(fleet, releases):
         assert up_again < next_down, (f"gw{i + 2} stopped before gw{i + 1} was back", after)
 
 
+def test_a_wrong_provider_key_stops_the_rollout_at_the_first_node(fleet, releases):
+    # The nodes have nothing to report, so no flush cycle calls the backend: only the gate's
+    # check-backend (one read-only authorize) can see the key refused.
+    gw1, gw2, gw3 = fleet.nodes
+    before = [(service(n)["MainPID"], ssh_logins(n)) for n in (gw2, gw3)]
+    result = fleet.play("-e", "xcflushd_provider_key=pk-wrong", release=releases[0])
+    assert result.returncode != 0, ok(result)
+    assert result.recap["gw1"]["failed"] == 1 and set(result.recap) == {"localhost", "gw1"}, ok(result)
+    assert ("gw1: xcflushd is not healthy: the backend refused the provider key (HTTP 403 "
+            "provider_key_invalid_or_service_missing") in result.output, ok(result)
+    assert "pk-wrong" not in result.output and "pk-demo" not in result.output
+    # gw1 was restarted with the wrong key (and is READY: Redis answered); its stamp is not
+    # recorded, so the next run restarts it again. gw2 and gw3 were never touched.
+    assert service(gw1)["ActiveState"] == "active"
+    assert gw1.run(["cat", "/etc/credstore/xcflushd.provider_key"]).stdout == "pk-wrong\n"
+    assert [(service(n)["MainPID"], ssh_logins(n)) for n in (gw2, gw3)] == before
+
+
 @pytest.mark.parametrize("damage", ["tampered", "unlisted"])
 def test_bad_release_stops_before_any_node(fleet, releases, tmp_path, damage):
     bad = tmp_path / "release"
