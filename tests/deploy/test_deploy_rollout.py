@@ -14,6 +14,7 @@ before left, as an operator's runs would:
 """
 
 import dataclasses
+import json
 import shutil
 
 import pytest
@@ -127,6 +128,34 @@ def test_a_wrong_provider_key_stops_the_rollout_at_the_first_node(fleet, release
     assert [(service(n)["MainPID"], ssh_logins(n)) for n in (gw2, gw3)] == before
 
 
+def running_frequency(node) -> float:
+    """The flush frequency of the daemon running on ``node``, from its own heartbeat."""
+    out = node.run(["/opt/xcflushd/bin/xcflushd", "status", "--json"], check=False).stdout
+    pid = int(service(node)["MainPID"])
+    [mine] = [d for d in json.loads(out)["daemons"] if d["pid"] == pid]
+    return float(mine["frequency"])
+
+
+def test_a_run_that_fails_after_the_config_write_loses_no_restart(fleet, releases):
+    # The config file is written, then the drop-in fails its check: the run stops before the
+    # restart handler. The rerun finds the config file in place (nothing to change) and must
+    # restart anyway, because the running daemon was not started from it.
+    gw1 = fleet.nodes[0]
+    pid = service(gw1)["MainPID"]
+    failed = fleet.play("--limit", "gw1", "-e", "xcflushd_frequency=9",
+                        "-e", '{"xcflushd_unit_overrides": "[Service]\\nNoSuchSetting=1\\n"}',
+                        release=releases[0])
+    assert failed.returncode != 0 and failed.recap["gw1"]["failed"] == 1, ok(failed)
+    assert "NoSuchSetting" in failed.output, ok(failed)  # systemd-analyze verify refused it
+    assert "frequency = 9\n" in gw1.run(["cat", "/etc/xcflushd/xcflushd.conf"]).stdout
+    assert service(gw1)["MainPID"] == pid and running_frequency(gw1) != 9  # not restarted
+
+    rerun = fleet.play("--limit", "gw1", "-e", "xcflushd_frequency=9", release=releases[0])
+    assert rerun.returncode == 0, ok(rerun)
+    assert service(gw1)["MainPID"] != pid and service(gw1)["ActiveState"] == "active"
+    assert running_frequency(gw1) == 9
+
+
 @pytest.mark.parametrize("damage", ["tampered", "unlisted"])
 def test_bad_release_stops_before_any_node(fleet, releases, tmp_path, damage):
     bad = tmp_path / "release"
@@ -148,6 +177,18 @@ def test_bad_release_stops_before_any_node(fleet, releases, tmp_path, damage):
     after = [(service(n)["MainPID"], ssh_logins(n)) for n in fleet.nodes]
     assert after == before  # same processes, and not one SSH login on any node
     assert all(version(n) == releases[0].version for n in fleet.nodes)
+
+
+def test_bad_variables_stop_before_any_node(fleet, releases):
+    # Checked against the role's argument spec on the controller: the daemon would exit 2 at
+    # its start (and stay down), so no node may get that far.
+    before = [(service(n)["MainPID"], ssh_logins(n)) for n in fleet.nodes]
+    for bad, message in [("xcflushd_frequency=5m", "xcflushd_frequency' is of type str"),
+                         ("xcflushd_frequency=100", "must be 1 or more, with the frequency at most the auth-ttl")]:
+        result = fleet.play("-e", bad, release=releases[0])
+        assert result.returncode != 0 and set(result.recap) == {"localhost"}, ok(result)
+        assert message in result.output, ok(result)
+    assert [(service(n)["MainPID"], ssh_logins(n)) for n in fleet.nodes] == before
 
 
 @pytest.fixture
