@@ -3,14 +3,18 @@
 The tests run in order on one fleet (module scope), each starting from the state the one
 before left, as an operator's runs would:
 
-1. first rollout of release 1: every node runs xcflushd, active and READY, flushing;
-2. the same run again changes nothing;
-3. a config change restarts the nodes one batch (one node) at a time;
-4. release 2 with a tampered (or unlisted) artifact: the play stops before any node;
-5. release 2 while gw2 cannot restart: gw1 runs release 2, gw2 failed, gw3 untouched
+1. --check --diff on fresh nodes: shows the config to come, changes nothing, leaves nothing;
+2. first rollout of release 1: every node runs xcflushd, active and READY, flushing;
+3. the same run again changes nothing;
+4. --check --diff on converged nodes with a change: the diff and the restart shown, nothing done;
+5. a config change restarts the nodes one batch (one node) at a time;
+6. a wrong provider key: the health gate fails gw1 and the rollout stops there;
+7. a run that fails after the config write, then its rerun: the restart is not lost;
+8. bad variables, a tampered (or unlisted) release: the play stops before any node;
+9. release 2 while gw2 cannot restart: gw1 runs release 2, gw2 failed, gw3 untouched
    (still release 1, same process), and the run fails;
-6. gw2 fixed, the same run again (limited to gw2, to keep the test short): gw2 is installed
-   and restarted again and comes up.
+10. gw2 fixed, the same run again (limited to gw2, to keep the test short): gw2 is installed
+    and restarted again and comes up.
 """
 
 import dataclasses
@@ -43,6 +47,33 @@ def ssh_logins(node) -> int:
 def ok(result) -> str:
     """Assertion message: the run's time, recap and the end of its output."""
     return f"rc={result.returncode} in {result.seconds:.1f}s, log {result.log}\n{result.output[-6000:]}"
+
+
+#: What a run leaves on a node; a --check run must leave none of it.
+NODE_PATHS = ["/opt/xcflushd", "/etc/xcflushd/xcflushd.conf", "/etc/credstore/xcflushd.provider_key",
+              "/etc/systemd/system/xcflushd.service", "/var/cache/xcflushd/wheels",
+              "/usr/lib/sysusers.d/xcflushd.conf"]
+
+
+def node_state(node) -> str:
+    """Checksums and metadata of everything the role manages on ``node``, and Ansible's
+    scratch files: equal before and after a run that changed nothing."""
+    script = ('for p in "$@"; do if [ -e "$p" ]; then find "$p" -xdev -printf "%p %s %m %u\\n" | sort;'
+              ' find "$p" -xdev -type f -exec sha256sum {} + | sort; else echo "$p absent"; fi; done;'
+              ' ls -A /root/.ansible/tmp 2>/dev/null; ls -A /tmp; getent passwd xcflushd || true')
+    return node.run(["sh", "-c", script, "state", *NODE_PATHS]).stdout
+
+
+def test_check_mode_on_fresh_nodes_changes_nothing(fleet, releases):
+    before = [node_state(n) for n in fleet.nodes]
+    assert all("/opt/xcflushd absent" in b for b in before)
+    result = fleet.play("--check", "--diff", "-e", "gateway_batch_size=3", release=releases[0])
+    assert result.returncode == 0, ok(result)
+    assert all(result.recap[h]["failed"] == 0 and result.recap[h]["changed"] > 0 for h in fleet.hosts), ok(result)
+    assert "+frequency = 5" in result.output, ok(result)  # --diff shows the config file to come ...
+    assert "pk-demo" not in result.output  # ... and never the credentials
+    assert [node_state(n) for n in fleet.nodes] == before
+    assert fleet.staging_left() == []
 
 
 def test_first_rollout_every_node_active_and_ready(fleet, releases):
@@ -87,6 +118,19 @@ def test_second_run_changes_nothing(fleet, releases):
     assert {h: r["changed"] for h, r in result.recap.items()} == \
         {h: 0 for h in ["localhost", *fleet.hosts]}, ok(result)
     assert [service(n)["MainPID"] for n in fleet.nodes] == before  # nothing restarted
+
+
+def test_check_mode_on_converged_nodes_shows_the_change_and_makes_none(fleet, releases):
+    before = [(node_state(n), service(n)["MainPID"]) for n in fleet.nodes]
+    result = fleet.play("--check", "--diff", "-e", "gateway_batch_size=3", "-e", "xcflushd_frequency=11",
+                        "-e", "xcflushd_provider_key=pk-next-secret", release=releases[0])
+    assert result.returncode == 0, ok(result)
+    assert all(result.recap[h]["failed"] == 0 for h in fleet.hosts), ok(result)
+    assert "-frequency = 5" in result.output and "+frequency = 11" in result.output, ok(result)
+    assert "Restart xcflushd" in result.output, ok(result)  # it says the restart would happen
+    assert "pk-next-secret" not in result.output and "pk-demo" not in result.output
+    assert [(node_state(n), service(n)["MainPID"]) for n in fleet.nodes] == before
+    assert fleet.staging_left() == []
 
 
 def test_config_change_restarts_one_batch_at_a_time(fleet, releases):
