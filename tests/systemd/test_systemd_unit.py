@@ -91,7 +91,7 @@ def test_redis_and_network_are_soft_dependencies(unit):
 def test_secrets_only_through_credentials(unit):
     service = unit["Service"]
     names = {c.split(":", 1)[0] for c in service["LoadCredential"]}
-    assert names == {"provider_key", "service_tokens", "redis_password"}
+    assert names == {"provider_key", "service_tokens", "redis_password", "backend_proxy_password"}
     # Relative sources are looked up in the credential store, where a missing
     # file is skipped (an absolute missing path fails the start on systemd 252).
     assert all(not c.split(":", 1)[1].startswith("/") for c in service["LoadCredential"])
