@@ -94,3 +94,19 @@ def test_ansible_doc_prints_the_role_spec(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for name in argument_spec("xcflushd"):
         assert name in proc.stdout, f"ansible-doc shows no {name}"
+
+
+def test_the_collection_installs_self_contained(tmp_path, installed_collection):
+    """Built by `make collection`, installed by ansible-galaxy: the release verifier, the
+    pinned key and the systemd files are real files inside it, and Ansible finds its roles."""
+    root = installed_collection / "ansible_collections" / "threescale" / "xcflushd"
+    files = root / "roles" / "xcflushd" / "files"
+    for name in ("signing/__main__.py", "signing/RELEASE_KEY_FINGERPRINT", "systemd/xcflushd.service"):
+        assert (files / name).is_file() and not (files / name).is_symlink(), name
+    assert not [p for p in root.rglob("*") if p.is_symlink()]
+    assert (root / "meta" / "runtime.yml").is_file() and (root / "playbooks" / "site.yml").is_file()
+    env = dict(ansible_env(tmp_path / "home"), ANSIBLE_COLLECTIONS_PATH=str(installed_collection))
+    env.pop("ANSIBLE_CONFIG")
+    proc = subprocess.run([tool("ansible-doc"), "-t", "role", "threescale.xcflushd.xcflushd"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "xcflushd_provider_key" in proc.stdout, proc.stdout + proc.stderr

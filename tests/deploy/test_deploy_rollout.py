@@ -14,7 +14,8 @@ before left, as an operator's runs would:
 9. release 2 while gw2 cannot restart: gw1 runs release 2, gw2 failed, gw3 untouched
    (still release 1, same process), and the run fails;
 10. gw2 fixed, the same run again (limited to gw2, to keep the test short): gw2 is installed
-    and restarted again and comes up.
+    and restarted again and comes up;
+11. the rollback to release 1, run from the collection as ansible-galaxy installs it.
 """
 
 import dataclasses
@@ -23,6 +24,8 @@ import shutil
 
 import pytest
 from xcftest import wait_until
+
+from .conftest import RELEASE2_UNIT_MARK
 
 pytestmark = pytest.mark.lab
 
@@ -170,6 +173,7 @@ def test_a_wrong_provider_key_stops_the_rollout_at_the_first_node(fleet, release
     assert service(gw1)["ActiveState"] == "active"
     assert gw1.run(["cat", "/etc/credstore/xcflushd.provider_key"]).stdout == "pk-wrong\n"
     assert [(service(n)["MainPID"], ssh_logins(n)) for n in (gw2, gw3)] == before
+    assert fleet.clear_staging() == 1  # a stopped rollout keeps its staging copy (README)
 
 
 def running_frequency(node) -> float:
@@ -193,11 +197,13 @@ def test_a_run_that_fails_after_the_config_write_loses_no_restart(fleet, release
     assert "NoSuchSetting" in failed.output, ok(failed)  # systemd-analyze verify refused it
     assert "frequency = 9\n" in gw1.run(["cat", "/etc/xcflushd/xcflushd.conf"]).stdout
     assert service(gw1)["MainPID"] == pid and running_frequency(gw1) != 9  # not restarted
+    assert fleet.clear_staging() == 1
 
     rerun = fleet.play("--limit", "gw1", "-e", "xcflushd_frequency=9", release=releases[0])
     assert rerun.returncode == 0, ok(rerun)
     assert service(gw1)["MainPID"] != pid and service(gw1)["ActiveState"] == "active"
     assert running_frequency(gw1) == 9
+    assert fleet.staging_left() == []  # removed after the last batch, though --limit left out localhost
 
 
 @pytest.mark.parametrize("damage", ["tampered", "unlisted"])
@@ -255,14 +261,17 @@ def test_failed_restart_stops_the_rollout(fleet, releases, gw2_cannot_start):
     assert result.returncode != 0, ok(result)
     assert result.recap["gw1"]["failed"] == 0 and result.recap["gw2"]["failed"] == 1, ok(result)
     assert "gw3" not in result.recap, ok(result)  # the rollout stopped before gw3's batch
-    # gw1: the new release, up. gw2: the new release installed, its restart failed.
+    # gw1: the new release, up, with its unit from the signed release. gw2: the new release
+    # installed, its restart failed.
     assert version(gw1) == releases[1].version and service(gw1)["ActiveState"] == "active"
+    assert RELEASE2_UNIT_MARK in gw1.run(["cat", "/etc/systemd/system/xcflushd.service"]).stdout
     assert version(gw2) == releases[1].version and service(gw2)["ActiveState"] != "active"
     # gw3: never touched -- the old release, the same process still running.
     assert version(gw3) == releases[0].version
     assert ssh_logins(gw3) == gw3_logins
     now = service(gw3)
     assert (now["MainPID"], now["ActiveState"]) == (gw3_before["MainPID"], "active"), (gw3_before, now)
+    assert fleet.clear_staging() == 1
 
 
 
@@ -277,3 +286,21 @@ def test_rerun_after_the_fix_resumes_at_the_failed_node(fleet, releases):
     assert (service(gw2)["ActiveState"], service(gw2)["SubState"]) == ("active", "running")
     stamp = gw2.run(["cat", "/opt/xcflushd/.xcflushd-release"]).stdout
     assert stamp.startswith(releases[1].wheel.name + " sha256:"), stamp
+
+
+def test_rollback_from_the_installed_collection(fleet, releases, installed_collection):
+    # The collection as ansible-galaxy installs it, run from outside the checkout without its
+    # ansible.cfg, rolls gw1 and gw2 back to release 1 (pinned by xcflushd_version); gw3
+    # already runs it.
+    result = fleet.play("-e", f"xcflushd_version={releases[0].version}", release=releases[0],
+                        collections=installed_collection)
+    assert result.returncode == 0, ok(result)
+    assert result.changed("gw1") > 0 and result.changed("gw2") > 0, ok(result)
+    for node in fleet.nodes:
+        assert version(node) == releases[0].version
+        assert (service(node)["ActiveState"], service(node)["SubState"]) == ("active", "running")
+    assert "Install the release into the virtualenv" in result.output, ok(result)
+    # The unit is rolled back with the wheel: it comes from the signed release.
+    assert all(RELEASE2_UNIT_MARK not in n.run(["cat", "/etc/systemd/system/xcflushd.service"]).stdout
+               for n in fleet.nodes)
+    assert fleet.staging_left() == []
