@@ -22,6 +22,7 @@ help:
 	@echo "make bench    flush-cycle and priority-path benchmark (JSON + table + plot)"
 	@echo "make chaos    the long fault-injection run (kills, Redis restarts, backend faults)"
 	@echo "make test-deploy  the Ansible end-to-end rollout on three systemd-nspawn nodes"
+	@echo "make collection  the Ansible collection threescale.xcflushd (build/*.tar.gz)"
 	@echo "make clean    remove the virtualenv, build outputs and caches"
 
 # System packages the tests need (redis-server, gnupg, ...). Installed with apt-get
@@ -70,3 +71,4 @@ clean:
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 -include signing/release.mk
+-include ansible/collection.mk

@@ -3,7 +3,8 @@
 ``xcflushd run`` runs the daemon; ``xcflushd flush`` runs one flush cycle;
 ``xcflushd status`` reports on the daemons and the backlog in Redis;
 ``xcflushd dead-letter`` lists, requeues or drops the reports set aside.
-``xcflushd check-config`` validates what ``run`` would read and touches nothing.
+``xcflushd check-config`` validates what ``run`` would read and touches nothing;
+``xcflushd check-backend`` asks the backend whether it accepts the credentials (probe.py).
 Every option can also come from the config file (``key = value``, keys are the
 long option names) and from ``XCFLUSHD_<NAME>`` environment variables;
 flags win over the environment, the environment over the file.
@@ -66,9 +67,11 @@ def build_parser(config_files: Optional[List[str]] = None) -> configargparse.Arg
         args_for_setting_config_path=["-c", "--config"],
         config_arg_help_message=f"config file (default {defaults.CONFIG_FILE} when it exists)",
     )
-    p.add_argument("command", choices=("run", "flush", "check-config", "status", "dead-letter"),
+    p.add_argument("command", choices=("run", "flush", "check-config", "check-backend", "status", "dead-letter"),
                    help="run: the daemon; flush: one flush cycle, then exit; check-config: validate flags, "
-                        "environment, config file and secrets, then exit; status: daemons and backlog "
+                        "environment, config file and secrets, then exit; "
+                        "check-backend: one read-only authorize call per credential (exit 0 all accepted, "
+                        "1 one refused or the backend unreachable); status: daemons and backlog "
                         "(exit 0 healthy, 1 degraded, 2 Redis unreachable); "
                         "dead-letter list | requeue ID... | drop ID...: the reports set aside")
     p.add_argument("arguments", nargs="*", metavar="ARG", help="dead-letter: list, requeue or drop, then entry ids")
@@ -219,6 +222,8 @@ def main(argv: Optional[List[str]] = None, environ=None) -> int:
     setup_logging(settings.log_level)
     if settings.command == "status":
         return _status(settings, options.json)
+    if settings.command == "check-backend":
+        return _check_backend(settings)
     from .daemon import Daemon  # after validation: a bad flag costs no imports
 
     daemon = Daemon(settings, environ)
@@ -243,6 +248,15 @@ def _status(settings, as_json: bool) -> int:
     print(json.dumps(document, indent=2, sort_keys=True) if as_json else
           status.render(document, settings.redis_display))
     return status.exit_code(document)
+
+
+def _check_backend(settings) -> int:
+    from .probe import probe
+
+    outcomes = probe(settings)
+    for outcome in outcomes:
+        print(("ok: " if outcome.accepted else "FAILED: ") + outcome.detail)
+    return 0 if all(o.accepted for o in outcomes) else 1
 
 
 _DEAD_LETTER_ACTIONS = ("list", "requeue", "drop")

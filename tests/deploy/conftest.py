@@ -36,6 +36,8 @@ NODE_PACKAGES = ("iproute2", "openssh-server", "procps", "python3-apt", "python3
                  "redis-server", "sudo")
 
 SIM_PORT = 8081
+#: A comment only the unit of the second test release has: which release a node's unit came from.
+RELEASE2_UNIT_MARK = "# e2e: the unit of release 2"
 
 
 def tool(name: str) -> str:
@@ -92,8 +94,9 @@ def throwaway_key():
 
 
 def sign_release(directory: Path, key) -> None:
-    """SHA256SUMS over every wheel in ``directory`` and its detached signature, by our tool."""
-    artifacts = sorted(str(p) for p in directory.glob("*.whl"))
+    """SHA256SUMS over every wheel and systemd file in ``directory`` and its detached
+    signature, by our tool."""
+    artifacts = sorted(str(p) for p in [*directory.glob("*.whl"), *directory.glob("xcflushd.*")])
     cmd = [sys.executable, "-m", "signing", "sign", "--key-id", key.primary,
            "--secret-key-file", key.secret_file, "--sums", str(directory / "SHA256SUMS"),
            "--sums-signature", str(directory / "SHA256SUMS.asc"),
@@ -105,21 +108,17 @@ def sign_release(directory: Path, key) -> None:
 
 @dataclass(frozen=True)
 class Release:
-    """A signed release directory, and maybe a wheelhouse of dependencies beside it."""
+    """A signed release directory."""
 
     dir: Path
     version: str
-    wheelhouse: Optional[Path] = None
 
     @property
     def wheel(self) -> Path:
         return self.dir / f"xcflushd-{self.version}-py3-none-any.whl"
 
     def extra_vars(self) -> List[str]:
-        extra = ["-e", f"xcflushd_release_dir={self.dir}"]
-        if self.wheelhouse:
-            extra += ["-e", f"xcflushd_wheelhouse_dir={self.wheelhouse}"]
-        return extra
+        return ["-e", f"xcflushd_release_dir={self.dir}"]
 
 
 def _project_copy(dest: Path, version: str) -> None:
@@ -138,13 +137,9 @@ def _project_copy(dest: Path, version: str) -> None:
 
 @pytest.fixture(scope="session")
 def releases(deploy_root, throwaway_key, tmp_path_factory) -> List[Release]:
-    """Two signed releases of this code, as two versions, in both shapes the role takes.
-
-    1. Every wheel the nodes install -- xcflushd and its dependencies, resolved by the node
-       root's own interpreter (cached in the lab cache) -- signed together.
-    2. Only the xcflushd wheel signed, as the project publishes it; its dependencies in a
-       wheelhouse of the operator's that the signature does not cover.
-    """
+    """Two signed releases of this code, as two versions: every wheel the nodes install --
+    xcflushd and its dependencies, resolved by the node root's own interpreter (cached in the
+    lab cache) -- signed together (the role installs them with pip --require-hashes)."""
     from lab.wheels import build_wheels
 
     import xcflushd
@@ -164,16 +159,47 @@ def releases(deploy_root, throwaway_key, tmp_path_factory) -> List[Release]:
 
     first = Release(base / "release1", xcflushd.__version__)
     first.dir.mkdir()
-    for whl in [first_wheel, *deps]:
+    systemd_files = [REPO / "systemd" / f"xcflushd.{kind}" for kind in ("service", "sysusers", "tmpfiles")]
+    for whl in [first_wheel, *deps, *systemd_files]:
         shutil.copy(whl, first.dir / whl.name)
     sign_release(first.dir, throwaway_key)
 
-    second = Release(base / "release2", next_wheel.name.split("-")[1], wheelhouse=wheels / "deps")
+    second = Release(base / "release2", next_wheel.name.split("-")[1])
     second.dir.mkdir()
-    shutil.copy(next_wheel, second.dir / next_wheel.name)
+    for whl in [next_wheel, *deps, *systemd_files]:
+        shutil.copy(whl, second.dir / whl.name)
+    with open(second.dir / "xcflushd.service", "a") as unit:  # release 2's unit is its own
+        unit.write(f"\n{RELEASE2_UNIT_MARK}\n")
     sign_release(second.dir, throwaway_key)
     assert first.wheel.exists() and second.wheel.exists() and second.version != first.version
     return [first, second]
+
+
+# --------------------------------------------------------------------------- collection
+
+
+def build_collection(out: Path) -> Path:
+    """``make collection`` into ``out``; returns the tarball."""
+    proc = subprocess.run(["make", "-s", "collection", f"COLLECTION_STAGE={out / 'stage'}",
+                           f"COLLECTION_OUT={out}", f"ANSIBLE_GALAXY={tool('ansible-galaxy')}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (tarball,) = out.glob("threescale-xcflushd-*.tar.gz")
+    return tarball
+
+
+@pytest.fixture(scope="session")
+def installed_collection(tmp_path_factory) -> Path:
+    """The collection built from this checkout and installed with ansible-galaxy elsewhere;
+    returns the collections path."""
+    work = tmp_path_factory.mktemp("collection")
+    tarball = build_collection(work / "build")
+    target = work / "collections"
+    proc = subprocess.run([tool("ansible-galaxy"), "collection", "install", "--offline", "-p", str(target),
+                           str(tarball)], cwd=work, capture_output=True, text=True, timeout=120,
+                          env=ansible_env(work / "home"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return target
 
 
 # --------------------------------------------------------------------------- nodes
@@ -233,15 +259,32 @@ class Fleet:
         """Staging copies of a release the play left on the controller (none, normally)."""
         return sorted(p.name for p in (self.workdir / "home" / "tmp").glob("*.xcflushd-release"))
 
-    def play(self, *args: str, release: Optional[Release] = None, timeout: float = 300) -> PlayResult:
-        """``ansible-playbook -i <inventory> site.yml ARGS`` inside the fleet's namespace."""
+    def clear_staging(self) -> int:
+        """Remove what a rollout that stopped at a failed node keeps (documented); how many."""
+        left = list((self.workdir / "home" / "tmp").glob("*.xcflushd-release"))
+        for path in left:
+            shutil.rmtree(path)
+        return len(left)
+
+    def play(self, *args: str, release: Optional[Release] = None, timeout: float = 300,
+             collections: Optional[Path] = None) -> PlayResult:
+        """``ansible-playbook -i <inventory> site.yml ARGS`` inside the fleet's namespace; with
+        ``collections`` (an installed collections path), the collection's playbook instead, run
+        from outside the checkout without its ansible.cfg."""
         extra = release.extra_vars() if release else []
+        playbook = "threescale.xcflushd.site" if collections else str(ANSIBLE_DIR / "site.yml")
         cmd = ["nsenter", f"--net={self.network.netns_path}", tool("ansible-playbook"),
-               "-i", str(self.inventory), str(ANSIBLE_DIR / "site.yml"), *extra, *args]
+               "-i", str(self.inventory), playbook, *extra, *args]
         log = self.workdir / f"play-{len(self.runs) + 1}.log"
         started = time.monotonic()
         env = dict(ansible_env(self.workdir / "home"), ANSIBLE_SSH_CONTROL_PATH_DIR=str(self.ssh_control_dir))
-        proc = subprocess.run(cmd, cwd=ANSIBLE_DIR, env=env,
+        cwd = ANSIBLE_DIR
+        if collections:
+            cwd = self.workdir
+            (self.workdir / "ansible.cfg").write_text("[defaults]\n")  # nothing of the checkout's
+            env.update(ANSIBLE_CONFIG=str(self.workdir / "ansible.cfg"), ANSIBLE_COLLECTIONS_PATH=str(collections),
+                       ANSIBLE_PIPELINING="1")
+        proc = subprocess.run(cmd, cwd=cwd, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               timeout=timeout)
         seconds = time.monotonic() - started

@@ -35,11 +35,78 @@ def test_example_inventory_has_the_gateways_group(tmp_path):
     assert "@gateways:" in proc.stdout and "gw1.example.com" in proc.stdout
 
 
-@pytest.mark.parametrize("role", ROLES)
-def test_role_readme_documents_every_default(role):
-    defaults = yaml.safe_load((ANSIBLE_DIR / "roles" / role / "defaults" / "main.yml").read_text())
+#: Variables the READMEs document that are the playbook's, not a role's.
+PLAYBOOK_VARIABLES = {"gateway_manage_redis", "gateway_batch_size"}
+_ROW = re.compile(r"^\| *`(\w+)` *\| *([^|]+?) *\| *(.+?) *\| *(.+?) *\|$", re.M)
+
+
+def argument_spec(role):
+    specs = yaml.safe_load((ANSIBLE_DIR / "roles" / role / "meta" / "argument_specs.yml").read_text())
+    return specs["argument_specs"]["main"]["options"]
+
+
+def readme_rows(role):
+    """{variable: (type, default, meaning)} from the README's tables."""
     readme = (ANSIBLE_DIR / "roles" / role / "README.md").read_text()
-    documented = set(re.findall(r"^#+ *`(\w+)`|^\| *`(\w+)`", readme, re.M))
-    names = {a or b for a, b in documented}
-    assert sorted(set(defaults) - names) == [], f"{role}/README.md misses these variables"
-    assert sorted(names - set(defaults) - {"gateway_manage_redis", "gateway_batch_size"}) == []
+    return {name: rest for name, *rest in _ROW.findall(readme)}
+
+
+def _shown(value) -> str:
+    """A plain default as the README writes it."""
+    if isinstance(value, bool):
+        return "`true`" if value else "`false`"
+    if value == "":
+        return '`""`'
+    return f"`{value}`" if not isinstance(value, (dict, list)) else f"`{'{}' if isinstance(value, dict) else '[]'}`"
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_argument_spec_covers_every_default(role):
+    defaults = yaml.safe_load((ANSIBLE_DIR / "roles" / role / "defaults" / "main.yml").read_text())
+    spec = argument_spec(role)
+    assert sorted(set(defaults) ^ set(spec)) == [], f"{role}: defaults/main.yml and meta/argument_specs.yml differ"
+    for name, option in spec.items():
+        assert option.get("type") and option.get("description"), f"{role}: {name} has no type or description"
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_role_readme_matches_the_argument_spec(role):
+    """Every variable of the spec in the README with the spec's type, its choices, and the plain
+    default of defaults/main.yml; nothing in the README that the spec does not know."""
+    spec = argument_spec(role)
+    defaults = yaml.safe_load((ANSIBLE_DIR / "roles" / role / "defaults" / "main.yml").read_text())
+    rows = readme_rows(role)
+    assert sorted(set(spec) - set(rows)) == [], f"{role}/README.md misses these variables"
+    assert sorted(set(rows) - set(spec) - PLAYBOOK_VARIABLES) == [], f"{role}/README.md documents unknown variables"
+    for name, option in spec.items():
+        kind, default, meaning = rows[name]
+        expected = option["type"] + (f" of {option['elements']}" if "elements" in option else "")
+        assert kind == expected, f"{role}/README.md: {name} is {kind!r}, the spec says {expected!r}"
+        for choice in option.get("choices", []):
+            assert re.search(rf"\b{re.escape(str(choice))}\b", meaning), f"{role}/README.md: {name} misses {choice}"
+        value = defaults[name]
+        if not (isinstance(value, str) and "{{" in value):
+            assert default == _shown(value), f"{role}/README.md: {name} default {default}, defaults/main.yml {value!r}"
+
+
+def test_ansible_doc_prints_the_role_spec(tmp_path):
+    proc = run([tool("ansible-doc"), "-t", "role", "-r", "roles", "xcflushd"], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in argument_spec("xcflushd"):
+        assert name in proc.stdout, f"ansible-doc shows no {name}"
+
+
+def test_the_collection_installs_self_contained(tmp_path, installed_collection):
+    """Built by `make collection`, installed by ansible-galaxy: the release verifier, the
+    pinned key and the systemd files are real files inside it, and Ansible finds its roles."""
+    root = installed_collection / "ansible_collections" / "threescale" / "xcflushd"
+    files = root / "roles" / "xcflushd" / "files"
+    for name in ("signing/__main__.py", "signing/RELEASE_KEY_FINGERPRINT", "systemd/xcflushd.service"):
+        assert (files / name).is_file() and not (files / name).is_symlink(), name
+    assert not [p for p in root.rglob("*") if p.is_symlink()]
+    assert (root / "meta" / "runtime.yml").is_file() and (root / "playbooks" / "site.yml").is_file()
+    env = dict(ansible_env(tmp_path / "home"), ANSIBLE_COLLECTIONS_PATH=str(installed_collection))
+    env.pop("ANSIBLE_CONFIG")
+    proc = subprocess.run([tool("ansible-doc"), "-t", "role", "threescale.xcflushd.xcflushd"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "xcflushd_provider_key" in proc.stdout, proc.stdout + proc.stderr

@@ -3,21 +3,29 @@
 The tests run in order on one fleet (module scope), each starting from the state the one
 before left, as an operator's runs would:
 
-1. first rollout of release 1: every node runs xcflushd, active and READY, flushing;
-2. the same run again changes nothing;
-3. a config change restarts the nodes one batch (one node) at a time;
-4. release 2 with a tampered (or unlisted) artifact: the play stops before any node;
-5. release 2 while gw2 cannot restart: gw1 runs release 2, gw2 failed, gw3 untouched
+1. --check --diff on fresh nodes: shows the config to come, changes nothing, leaves nothing;
+2. first rollout of release 1: every node runs xcflushd, active and READY, flushing;
+3. the same run again changes nothing;
+4. --check --diff on converged nodes with a change: the diff and the restart shown, nothing done;
+5. a config change restarts the nodes one batch (one node) at a time;
+6. a wrong provider key: the health gate fails gw1 and the rollout stops there;
+7. a run that fails after the config write, then its rerun: the restart is not lost;
+8. bad variables, a tampered (or unlisted) release: the play stops before any node;
+9. release 2 while gw2 cannot restart: gw1 runs release 2, gw2 failed, gw3 untouched
    (still release 1, same process), and the run fails;
-6. gw2 fixed, the same run again (limited to gw2, to keep the test short): gw2 is installed
-   and restarted again and comes up.
+10. gw2 fixed, the same run again (limited to gw2, to keep the test short): gw2 is installed
+    and restarted again and comes up;
+11. the rollback to release 1, run from the collection as ansible-galaxy installs it.
 """
 
 import dataclasses
+import json
 import shutil
 
 import pytest
 from xcftest import wait_until
+
+from .conftest import RELEASE2_UNIT_MARK
 
 pytestmark = pytest.mark.lab
 
@@ -42,6 +50,33 @@ def ssh_logins(node) -> int:
 def ok(result) -> str:
     """Assertion message: the run's time, recap and the end of its output."""
     return f"rc={result.returncode} in {result.seconds:.1f}s, log {result.log}\n{result.output[-6000:]}"
+
+
+#: What a run leaves on a node; a --check run must leave none of it.
+NODE_PATHS = ["/opt/xcflushd", "/etc/xcflushd/xcflushd.conf", "/etc/credstore/xcflushd.provider_key",
+              "/etc/systemd/system/xcflushd.service", "/var/cache/xcflushd/wheels",
+              "/usr/lib/sysusers.d/xcflushd.conf"]
+
+
+def node_state(node) -> str:
+    """Checksums and metadata of everything the role manages on ``node``, and Ansible's
+    scratch files: equal before and after a run that changed nothing."""
+    script = ('for p in "$@"; do if [ -e "$p" ]; then find "$p" -xdev -printf "%p %s %m %u\\n" | sort;'
+              ' find "$p" -xdev -type f -exec sha256sum {} + | sort; else echo "$p absent"; fi; done;'
+              ' ls -A /root/.ansible/tmp 2>/dev/null; ls -A /tmp; getent passwd xcflushd || true')
+    return node.run(["sh", "-c", script, "state", *NODE_PATHS]).stdout
+
+
+def test_check_mode_on_fresh_nodes_changes_nothing(fleet, releases):
+    before = [node_state(n) for n in fleet.nodes]
+    assert all("/opt/xcflushd absent" in b for b in before)
+    result = fleet.play("--check", "--diff", "-e", "gateway_batch_size=3", release=releases[0])
+    assert result.returncode == 0, ok(result)
+    assert all(result.recap[h]["failed"] == 0 and result.recap[h]["changed"] > 0 for h in fleet.hosts), ok(result)
+    assert "+frequency = 5" in result.output, ok(result)  # --diff shows the config file to come ...
+    assert "pk-demo" not in result.output  # ... and never the credentials
+    assert [node_state(n) for n in fleet.nodes] == before
+    assert fleet.staging_left() == []
 
 
 def test_first_rollout_every_node_active_and_ready(fleet, releases):
@@ -88,6 +123,19 @@ def test_second_run_changes_nothing(fleet, releases):
     assert [service(n)["MainPID"] for n in fleet.nodes] == before  # nothing restarted
 
 
+def test_check_mode_on_converged_nodes_shows_the_change_and_makes_none(fleet, releases):
+    before = [(node_state(n), service(n)["MainPID"]) for n in fleet.nodes]
+    result = fleet.play("--check", "--diff", "-e", "gateway_batch_size=3", "-e", "xcflushd_frequency=11",
+                        "-e", "xcflushd_provider_key=pk-next-secret", release=releases[0])
+    assert result.returncode == 0, ok(result)
+    assert all(result.recap[h]["failed"] == 0 for h in fleet.hosts), ok(result)
+    assert "-frequency = 5" in result.output and "+frequency = 11" in result.output, ok(result)
+    assert "Restart xcflushd" in result.output, ok(result)  # it says the restart would happen
+    assert "pk-next-secret" not in result.output and "pk-demo" not in result.output
+    assert [(node_state(n), service(n)["MainPID"]) for n in fleet.nodes] == before
+    assert fleet.staging_left() == []
+
+
 def test_config_change_restarts_one_batch_at_a_time(fleet, releases):
     # A setting of the config file and a unit drop-in (verified with the unit, then
     # daemon-reload): one restart per node for both.
@@ -107,6 +155,55 @@ def test_config_change_restarts_one_batch_at_a_time(fleet, releases):
         up_again = int(after[i]["ActiveEnterTimestampMonotonic"])
         next_down = int(after[i + 1]["ActiveExitTimestampMonotonic"])
         assert up_again < next_down, (f"gw{i + 2} stopped before gw{i + 1} was back", after)
+
+
+def test_a_wrong_provider_key_stops_the_rollout_at_the_first_node(fleet, releases):
+    # The nodes have nothing to report, so no flush cycle calls the backend: only the gate's
+    # check-backend (one read-only authorize) can see the key refused.
+    gw1, gw2, gw3 = fleet.nodes
+    before = [(service(n)["MainPID"], ssh_logins(n)) for n in (gw2, gw3)]
+    result = fleet.play("-e", "xcflushd_provider_key=pk-wrong", release=releases[0])
+    assert result.returncode != 0, ok(result)
+    assert result.recap["gw1"]["failed"] == 1 and set(result.recap) == {"localhost", "gw1"}, ok(result)
+    assert ("gw1: xcflushd is not healthy: the backend refused the provider key (HTTP 403 "
+            "provider_key_invalid_or_service_missing") in result.output, ok(result)
+    assert "pk-wrong" not in result.output and "pk-demo" not in result.output
+    # gw1 was restarted with the wrong key (and is READY: Redis answered); its stamp is not
+    # recorded, so the next run restarts it again. gw2 and gw3 were never touched.
+    assert service(gw1)["ActiveState"] == "active"
+    assert gw1.run(["cat", "/etc/credstore/xcflushd.provider_key"]).stdout == "pk-wrong\n"
+    assert [(service(n)["MainPID"], ssh_logins(n)) for n in (gw2, gw3)] == before
+    assert fleet.clear_staging() == 1  # a stopped rollout keeps its staging copy (README)
+
+
+def running_frequency(node) -> float:
+    """The flush frequency of the daemon running on ``node``, from its own heartbeat."""
+    out = node.run(["/opt/xcflushd/bin/xcflushd", "status", "--json"], check=False).stdout
+    pid = int(service(node)["MainPID"])
+    [mine] = [d for d in json.loads(out)["daemons"] if d["pid"] == pid]
+    return float(mine["frequency"])
+
+
+def test_a_run_that_fails_after_the_config_write_loses_no_restart(fleet, releases):
+    # The config file is written, then the drop-in fails its check: the run stops before the
+    # restart handler. The rerun finds the config file in place (nothing to change) and must
+    # restart anyway, because the running daemon was not started from it.
+    gw1 = fleet.nodes[0]
+    pid = service(gw1)["MainPID"]
+    failed = fleet.play("--limit", "gw1", "-e", "xcflushd_frequency=9",
+                        "-e", '{"xcflushd_unit_overrides": "[Service]\\nNoSuchSetting=1\\n"}',
+                        release=releases[0])
+    assert failed.returncode != 0 and failed.recap["gw1"]["failed"] == 1, ok(failed)
+    assert "NoSuchSetting" in failed.output, ok(failed)  # systemd-analyze verify refused it
+    assert "frequency = 9\n" in gw1.run(["cat", "/etc/xcflushd/xcflushd.conf"]).stdout
+    assert service(gw1)["MainPID"] == pid and running_frequency(gw1) != 9  # not restarted
+    assert fleet.clear_staging() == 1
+
+    rerun = fleet.play("--limit", "gw1", "-e", "xcflushd_frequency=9", release=releases[0])
+    assert rerun.returncode == 0, ok(rerun)
+    assert service(gw1)["MainPID"] != pid and service(gw1)["ActiveState"] == "active"
+    assert running_frequency(gw1) == 9
+    assert fleet.staging_left() == []  # removed after the last batch, though --limit left out localhost
 
 
 @pytest.mark.parametrize("damage", ["tampered", "unlisted"])
@@ -132,6 +229,18 @@ def test_bad_release_stops_before_any_node(fleet, releases, tmp_path, damage):
     assert all(version(n) == releases[0].version for n in fleet.nodes)
 
 
+def test_bad_variables_stop_before_any_node(fleet, releases):
+    # Checked against the role's argument spec on the controller: the daemon would exit 2 at
+    # its start (and stay down), so no node may get that far.
+    before = [(service(n)["MainPID"], ssh_logins(n)) for n in fleet.nodes]
+    for bad, message in [("xcflushd_frequency=5m", "xcflushd_frequency' is of type str"),
+                         ("xcflushd_frequency=100", "must be 1 or more, with the frequency at most the auth-ttl")]:
+        result = fleet.play("-e", bad, release=releases[0])
+        assert result.returncode != 0 and set(result.recap) == {"localhost"}, ok(result)
+        assert message in result.output, ok(result)
+    assert [(service(n)["MainPID"], ssh_logins(n)) for n in fleet.nodes] == before
+
+
 @pytest.fixture
 def gw2_cannot_start(fleet):
     """gw2's unit gets a drop-in that fails every start; the running daemon is not touched."""
@@ -152,14 +261,17 @@ def test_failed_restart_stops_the_rollout(fleet, releases, gw2_cannot_start):
     assert result.returncode != 0, ok(result)
     assert result.recap["gw1"]["failed"] == 0 and result.recap["gw2"]["failed"] == 1, ok(result)
     assert "gw3" not in result.recap, ok(result)  # the rollout stopped before gw3's batch
-    # gw1: the new release, up. gw2: the new release installed, its restart failed.
+    # gw1: the new release, up, with its unit from the signed release. gw2: the new release
+    # installed, its restart failed.
     assert version(gw1) == releases[1].version and service(gw1)["ActiveState"] == "active"
+    assert RELEASE2_UNIT_MARK in gw1.run(["cat", "/etc/systemd/system/xcflushd.service"]).stdout
     assert version(gw2) == releases[1].version and service(gw2)["ActiveState"] != "active"
     # gw3: never touched -- the old release, the same process still running.
     assert version(gw3) == releases[0].version
     assert ssh_logins(gw3) == gw3_logins
     now = service(gw3)
     assert (now["MainPID"], now["ActiveState"]) == (gw3_before["MainPID"], "active"), (gw3_before, now)
+    assert fleet.clear_staging() == 1
 
 
 
@@ -174,3 +286,21 @@ def test_rerun_after_the_fix_resumes_at_the_failed_node(fleet, releases):
     assert (service(gw2)["ActiveState"], service(gw2)["SubState"]) == ("active", "running")
     stamp = gw2.run(["cat", "/opt/xcflushd/.xcflushd-release"]).stdout
     assert stamp.startswith(releases[1].wheel.name + " sha256:"), stamp
+
+
+def test_rollback_from_the_installed_collection(fleet, releases, installed_collection):
+    # The collection as ansible-galaxy installs it, run from outside the checkout without its
+    # ansible.cfg, rolls gw1 and gw2 back to release 1 (pinned by xcflushd_version); gw3
+    # already runs it.
+    result = fleet.play("-e", f"xcflushd_version={releases[0].version}", release=releases[0],
+                        collections=installed_collection)
+    assert result.returncode == 0, ok(result)
+    assert result.changed("gw1") > 0 and result.changed("gw2") > 0, ok(result)
+    for node in fleet.nodes:
+        assert version(node) == releases[0].version
+        assert (service(node)["ActiveState"], service(node)["SubState"]) == ("active", "running")
+    assert "Install the release into the virtualenv" in result.output, ok(result)
+    # The unit is rolled back with the wheel: it comes from the signed release.
+    assert all(RELEASE2_UNIT_MARK not in n.run(["cat", "/etc/systemd/system/xcflushd.service"]).stdout
+               for n in fleet.nodes)
+    assert fleet.staging_left() == []
