@@ -23,20 +23,24 @@ import time
 from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import redis
+from redis.backoff import EqualJitterBackoff
+from redis.retry import Retry
 
 from . import heartbeat
 from .defaults import (
-    ACK_RETRY_DELAYS,
     DEAD_LETTER_HASH,
     FAILURES_HASH,
     FLUSHING_PREFIX,
     LEASE_PREFIX,
     QUARANTINE_PREFIX,
     REDIS_CHUNK,
+    REDIS_RETRY_BASE,
+    REDIS_RETRY_BUDGET,
+    REDIS_RETRY_CAP,
     REPORT_KEYS_SET,
     TO_FLUSH_PREFIX,
 )
-from .errors import MalformedKey, StorageUnavailable
+from .errors import MalformedKey, StorageFull, StorageUnavailable
 from .keys import (
     Credentials,
     iter_chunks,
@@ -93,14 +97,57 @@ class HandOver(NamedTuple):
         yield from self.adopted
 
 
+def storage_error(exc: redis.RedisError) -> StorageUnavailable:
+    """Our error for a redis-py one: StorageFull when Redis is at maxmemory."""
+    cls = StorageFull if _is_oom(exc) else StorageUnavailable
+    return cls(f"redis: {type(exc).__name__}: {str(exc)[:160]}")
+
+
+def _is_oom(exc) -> bool:
+    return isinstance(exc, redis.OutOfMemoryError) or (
+        isinstance(exc, redis.ResponseError) and str(exc).startswith("OOM"))
+
+
 def _storage_errors(method):
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
         try:
             return method(*args, **kwargs)
         except redis.RedisError as exc:
-            raise StorageUnavailable(f"redis: {type(exc).__name__}: {str(exc)[:160]}") from None
+            raise storage_error(exc) from None
     return wrapper
+
+
+class BoundedRetry(Retry):
+    """redis-py's Retry (exponential backoff, equal jitter), bounded in time as well as count.
+
+    Every command of every client the daemon builds goes through it: a lost
+    connection or a timeout is retried, on a fresh connection, until
+    ``budget`` seconds have passed since the command was first sent. The
+    commands that run under it are written so that running one twice does
+    no harm (DEL, RENAME, idempotent scripts, HSET of the same values).
+    """
+
+    def __init__(self, budget: float = REDIS_RETRY_BUDGET, base: float = REDIS_RETRY_BASE,
+                 cap: float = REDIS_RETRY_CAP):
+        # The count is only a backstop: the budget ends the retries.
+        super().__init__(EqualJitterBackoff(cap=cap, base=base), retries=max(1, int(4 * budget / base)))
+        self.budget = budget
+
+    def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):
+        deadline = time.monotonic() + self.budget
+        first = [True]
+
+        def retryable(error: Exception) -> bool:
+            if is_retryable is not None and not is_retryable(error):
+                return False
+            if first[0]:
+                first[0] = False
+                log.info("redis: %s (%s); retrying for up to %.0fs", type(error).__name__,
+                         str(error)[:120], self.budget)
+            return time.monotonic() < deadline
+
+        return super().call_with_retry(do, fail, retryable, with_failure_count)
 
 
 def _command_packer():
@@ -117,11 +164,12 @@ def _command_packer():
         return None
 
 
-def connect(url: str, password: Optional[str] = None, pool_size: int = 32, timeout: float = 10.0) -> redis.Redis:
-    """A client whose strings round-trip any bytes the gateway wrote."""
+def connect(url: str, password: Optional[str] = None, pool_size: int = 32, timeout: float = 10.0,
+            retry_budget: float = REDIS_RETRY_BUDGET) -> redis.Redis:
+    """A client whose strings round-trip any bytes the gateway wrote, under the one retry policy."""
     kwargs = dict(decode_responses=True, encoding_errors="surrogateescape", socket_timeout=timeout,
                   socket_connect_timeout=min(timeout, 5.0), max_connections=pool_size,
-                  health_check_interval=30, client_name="xcflushd")
+                  health_check_interval=30, client_name="xcflushd", retry=BoundedRetry(retry_budget))
     packer = _command_packer()
     if packer is not None:
         kwargs["command_packer"] = packer
@@ -302,27 +350,17 @@ class Storage:
         """The backend took these: their usage leaves Redis now.
 
         Usage left here after the backend's 2xx is reported again by a later
-        cycle, so a lost connection or a Redis restart does not end it: the
-        DEL is idempotent (nothing else ever writes a cycle's ``to_flush:``
-        names) and is retried for a while (``ACK_RETRY_DELAYS``). Only a
-        process that dies here, or an outage that outlasts the retries,
-        counts usage twice (decision 6).
+        cycle. DEL and HDEL are idempotent (nothing else ever writes a
+        cycle's ``to_flush:`` names), so the retry policy may re-send them
+        after a lost connection, and they need no memory: Redis at
+        ``maxmemory`` still runs them.
         """
         for chunk in iter_chunks(reports, self.chunk):
-            for delay in ACK_RETRY_DELAYS + (None,):
-                try:
-                    pipe = self.redis.pipeline(transaction=False)
-                    pipe.delete(*(r.to_flush_key for r in chunk))
-                    # A delivery ends a run of refusals: only refusals in a row lead to the dead letter.
-                    pipe.hdel(FAILURES_HASH, *(r.report_key for r in chunk))
-                    pipe.execute()
-                    break
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
-                    if delay is None:
-                        raise
-                    log.warning("acknowledging %d delivered report(s): %s; retrying in %.2fs",
-                                len(chunk), type(exc).__name__, delay)
-                    time.sleep(delay)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.delete(*(r.to_flush_key for r in chunk))
+            # A delivery ends a run of refusals: only refusals in a row lead to the dead letter.
+            pipe.hdel(FAILURES_HASH, *(r.report_key for r in chunk))
+            pipe.execute()
 
     @_storage_errors
     def restore(self, reports: Sequence[Report]) -> None:
