@@ -23,6 +23,7 @@ BACKLOG_INTERVAL = 30           # seconds between counts of what waits in Redis,
 
 REDIS_CHUNK = 1000              # keys per pipelined Redis round trip
 LEASE_TTL = 60                  # a cycle's claim on its hand-over keys; renewed while it works
+LEASE_RENEW_INTERVAL = 5        # how often a working cycle renews it
 RECOVERY_INTERVAL = 30          # how often to SCAN for keys left behind by a dead cycle
 DEAD_LETTER_AFTER = 3           # cycles a hopeless report is retried before it is set aside
 # One retry policy for every Redis command (storage.connect): a lost connection or a timeout is
