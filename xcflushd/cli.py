@@ -235,7 +235,7 @@ def _status(settings, as_json: bool) -> int:
     from . import status
     from .storage import connect
 
-    client = connect(settings.redis_url, settings.redis_password, pool_size=2, timeout=5.0)
+    client = connect(settings.redis_url, settings.redis_password, pool_size=2, timeout=5.0, retry_budget=1.0)
     try:
         document = status.collect(client)
     finally:
@@ -271,7 +271,7 @@ def _dead_letter(settings, action: str, ids: List[str], options) -> int:
     from .errors import StorageUnavailable
     from .storage import connect
 
-    client = connect(settings.redis_url, settings.redis_password, pool_size=2, timeout=5.0)
+    client = connect(settings.redis_url, settings.redis_password, pool_size=2, timeout=5.0, retry_budget=1.0)
     try:
         found = deadletter.entries(client)
         if action == "list":
