@@ -289,6 +289,7 @@ def test_a_lease_whose_daemon_heartbeat_is_gone_is_adopted_at_once(redis_server,
     assert r.exists(LEASE_PREFIX + dead.id), "adopted before the lease ran out"
 
 
+@pytest.mark.slow
 def test_a_killed_daemon_is_adopted_by_the_next_one_without_waiting_for_its_lease(
         tmp_path, key_file, daemon_process):
     redis_server = RedisServer()
