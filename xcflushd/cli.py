@@ -240,7 +240,7 @@ def _status(settings, as_json: bool) -> int:
     from . import status
     from .storage import connect
 
-    client = connect(settings.redis_url, settings.redis_password, pool_size=2, timeout=5.0)
+    client = connect(settings.redis_url, settings.redis_password, pool_size=2, timeout=5.0, retry_budget=1.0)
     try:
         document = status.collect(client)
     finally:
@@ -290,7 +290,7 @@ def _dead_letter(settings, action: str, ids: List[str], options) -> int:
     # they could forge lines of the listing.
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")
-    client = connect(settings.redis_url, settings.redis_password, pool_size=2, timeout=5.0)
+    client = connect(settings.redis_url, settings.redis_password, pool_size=2, timeout=5.0, retry_budget=1.0)
     try:
         found = deadletter.entries(client)
         if action == "list":

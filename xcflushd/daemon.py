@@ -50,10 +50,10 @@ class Daemon:
                                    ca_file=s.backend_ca_file, priority_concurrency=s.prio_threads,
                                    priority_queue=defaults.PRIO_QUEUE,
                                    max_connections=s.threads + s.prio_threads + 8)
+        self.heartbeat = Heartbeat(self.redis, s.frequency, self.stop)
         self.flusher = Flusher(self.storage, self.backend, FlushSettings(
             auth_ttl=s.auth_ttl, report_auth_wait=s.report_auth_wait, batch_size=s.report_batch_size,
-            concurrency=s.threads), self.stop)
-        self.heartbeat = Heartbeat(self.redis, s.frequency, self.stop)
+            concurrency=s.threads), self.stop, owner=self.heartbeat.id)
         self.backlog = exporter.BacklogWatch(self.redis, self.stop, defaults.BACKLOG_INTERVAL)
         self.metrics_server = None
 
@@ -64,6 +64,7 @@ class Daemon:
         self._install_signals()
         log.info("xcflushd %s: one flush cycle against %s", __version__, self.settings.backend_url)
         try:
+            self.flusher.owner = ""  # a one-shot cycle keeps no heartbeat: its lease alone vouches for it
             result = self.flusher.flush_once(recover=True)
             self._log_result(result)
         finally:
@@ -86,8 +87,10 @@ class Daemon:
                  __version__, s.redis_display, s.backend_url, s.frequency, s.auth_ttl, s.threads, s.prio_threads)
         self.backend.transport.start()
         self.renewer = PriorityRenewer(self.redis, self.storage, self.backend, s.auth_ttl, self.stop).start()
-        self.scheduler = Scheduler(self.flusher.flush_once, s.frequency, self.stop, defaults.RECOVERY_INTERVAL,
-                                   on_result=self._on_result)
+        # Leftovers of dead cycles are looked for at least every cycle when cycles are frequent,
+        # so they are adopted within about two cycles.
+        self.scheduler = Scheduler(self.flusher.flush_once, s.frequency, self.stop,
+                                   min(defaults.RECOVERY_INTERVAL, s.frequency), on_result=self._on_result)
         if self._wait_for_redis():
             self.notifier.ready(f"ready; first flush now, then every {s.frequency}s")
             log.info("ready: priority auth channel subscribed, flushing every %ss; heartbeat %s",
@@ -168,7 +171,7 @@ class Daemon:
     def _log_result(self, result: FlushResult) -> None:
         if result.error:
             log.error("flush cycle failed: %s", result.summary())
-        elif result.failed or result.dead_lettered or result.auth_failures:
+        elif result.failed or result.dead_lettered or result.auth_failures or result.not_cached:
             log.warning("flush cycle: %s", result.summary())
         else:
             log.info("flush cycle: %s", result.summary())

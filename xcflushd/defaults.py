@@ -23,10 +23,16 @@ BACKLOG_INTERVAL = 30           # seconds between counts of what waits in Redis,
 
 REDIS_CHUNK = 1000              # keys per pipelined Redis round trip
 LEASE_TTL = 60                  # a cycle's claim on its hand-over keys; renewed while it works
+LEASE_RENEW_INTERVAL = 5        # how often a working cycle renews it
 RECOVERY_INTERVAL = 30          # how often to SCAN for keys left behind by a dead cycle
 DEAD_LETTER_AFTER = 3           # cycles a hopeless report is retried before it is set aside
-ACK_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0, 1.0, 2.0, 2.0, 3.0)  # ~10 s of DEL retries after a 2xx
-PUBLISH_RETRY_DELAYS = (0.002, 0.005, 0.005, 0.010, 0.015)  # as the Ruby daemon
+# One retry policy for every Redis command (storage.connect): a lost connection or a timeout is
+# retried with exponential backoff and equal jitter (REDIS_RETRY_BASE doubling up to
+# REDIS_RETRY_CAP), for at most REDIS_RETRY_BUDGET seconds per command. A Redis restart of a
+# few seconds then fails no command; a longer outage fails the command after the budget.
+REDIS_RETRY_BASE = 0.02
+REDIS_RETRY_CAP = 1.0
+REDIS_RETRY_BUDGET = 10.0
 MAX_RESPONSE_BYTES = 1 << 20    # a status document is a few KB; anything huge is garbage
 
 # Redis names fixed by the gateway (apicast-xc); see shared protocol, section 7.

@@ -38,4 +38,12 @@ class BackendRejected(BackendError):
 
 
 class StorageUnavailable(XcflushdError):
-    """Redis could not be reached or answered an error to a command we need."""
+    """Redis could not be reached (after the retry policy gave up) or answered an error to a command we need."""
+
+
+class StorageFull(StorageUnavailable):
+    """Redis refused a write because it is at ``maxmemory`` (``noeviction``).
+
+    Commands that free memory (DEL, RENAME, HDEL) still work, so the caller
+    degrades: it skips what needs new memory, counts it, and goes on.
+    """

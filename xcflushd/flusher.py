@@ -18,10 +18,10 @@ import threading
 import time
 from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
-from . import defaults
+from . import defaults, metrics
 from .authorizer import authorizations
 from .backend import BackendClient
-from .errors import BackendError, BackendRejected, MalformedKey
+from .errors import BackendError, BackendRejected, MalformedKey, StorageFull, StorageUnavailable
 from .keys import auth_key, denial_reason, iter_chunks, parse_report_key, redact_key
 from .storage import Cycle, HandOver, Report, Storage
 
@@ -71,6 +71,8 @@ class FlushResult:
         self.report_calls = 0
         self.authorized = 0       # applications whose auth hash was renewed
         self.auth_failures = 0
+        self.not_cached = 0       # authorizations the backend gave that Redis did not take (full, or away)
+        self.held = 0             # outcomes kept in memory while Redis was away, written when it came back
         self.phases: Dict[str, float] = {}
         self.error: Optional[str] = None
         self.backend_error: Optional[str] = None  # the first backend or authorization failure, one line
@@ -99,33 +101,54 @@ class FlushResult:
         text = (f"reports={self.reports} delivered={self.delivered} failed={self.failed} "
                 f"dead_letter={self.dead_lettered} report_calls={self.report_calls} "
                 f"authorized={self.authorized} auth_failures={self.auth_failures} "
-                f"{phases} total={self.duration * 1000:.0f}ms(excl. wait)")
+                + (f"not_cached={self.not_cached} " if self.not_cached else "")
+                + (f"held_while_redis_away={self.held} " if self.held else "")
+                + f"{phases} total={self.duration * 1000:.0f}ms(excl. wait)")
         return text + (f" error={self.error}" if self.error else "")
 
 
 class Flusher:
+    """Runs flush cycles for one owner (the daemon's heartbeat id; a one-shot flush's own id).
+
+    Outcomes of backend calls (acknowledge, put back, dead letter) go
+    through ``_apply``. When Redis is away for longer than the retry policy
+    waits, they are held in memory, no new backend call starts, and the
+    cycle keeps its lease and writes them when Redis is back: a Redis
+    restart never makes a delivered report look undelivered.
+    """
+
     def __init__(self, storage: Storage, backend: BackendClient,
-                 settings: Optional[FlushSettings] = None, stop: Optional[threading.Event] = None):
+                 settings: Optional[FlushSettings] = None, stop: Optional[threading.Event] = None,
+                 owner: str = ""):
         self.storage = storage
         self.backend = backend
         self.settings = settings or FlushSettings()
         self.stop = stop or threading.Event()
+        self.owner = owner
         self.last_progress = time.monotonic()  # moves while a cycle works; for the watchdog
+        self.held: List[Tuple[str, tuple]] = []  # outcomes not yet written: (what, arguments)
+        self._redis_lost: Optional[str] = None
+        self._cycle: Optional[Cycle] = None
+        self._renewed = 0.0
 
     # ---- the cycle -----------------------------------------------------------
 
     def flush_once(self, recover: bool = False) -> FlushResult:
         """Run one cycle. Never raises for Redis or backend trouble: see ``result.error``."""
         result = FlushResult()
-        cycle = Cycle.new()
+        cycle = self._cycle = Cycle.new(self.owner)
+        self._redis_lost = None
         clock = _PhaseClock(result)
         try:
-            self.storage.take_lease(cycle, self.settings.lease_ttl)
+            self._take_lease(cycle)
             with clock("handover"):
                 owned = self.storage.hand_over(cycle, recover)
             with clock("report"):
                 to_authorize = self._report_all(owned, cycle, result)
-            self.storage.release_lease(cycle)
+            if self.held:
+                self._write_held(result)
+            if not self.held:
+                self.storage.release_lease(cycle)
             if to_authorize and not self.stop.is_set():
                 with clock("wait"):
                     self._wait(self.settings.report_auth_wait)
@@ -134,8 +157,33 @@ class Flusher:
                     self._authorize_all(to_authorize, result)
         except Exception as exc:  # one bad cycle must not kill the scheduler
             result.error = f"{type(exc).__name__}: {exc}"
+        if self.held:
+            log.error("stopping with %d outcome(s) of backend calls not written to Redis: the usage of %d "
+                      "delivered report(s) stays there and will be reported again",
+                      len(self.held), sum(len(a[0]) for w, a in self.held if w == "ack"))
+            self.held = []
         result.finished_at = time.time()
         return result
+
+    def _take_lease(self, cycle: Cycle) -> None:
+        try:
+            self.storage.take_lease(cycle, self.settings.lease_ttl)
+        except StorageFull as exc:  # only before Redis 7; the heartbeat still vouches for us
+            metrics.degraded_write("lease")
+            log.warning("flush cycle without a lease, Redis is full: %s", exc)
+        self._renewed = time.monotonic()
+
+    def _renew_lease(self, force: bool = False) -> None:
+        """A live cycle renews its lease often, so a lease can only outlive a dead cycle briefly."""
+        if self._cycle is None or (not force and time.monotonic() - self._renewed < defaults.LEASE_RENEW_INTERVAL):
+            return
+        self._renewed = time.monotonic()
+        try:
+            self.storage.renew_lease(self._cycle, self.settings.lease_ttl)
+        except StorageUnavailable as exc:
+            if isinstance(exc, StorageFull):
+                metrics.degraded_write("lease")
+            log.warning("lease not renewed: %s", exc)
 
     def _wait(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -143,13 +191,64 @@ class Flusher:
             self.last_progress = time.monotonic()
             self.stop.wait(min(1.0, deadline - time.monotonic()))
 
+    # ---- outcomes --------------------------------------------------------------
+
+    def _apply(self, what: str, *args) -> None:
+        """Write one outcome to Redis, or hold it while Redis is away."""
+        if self._redis_lost is None:
+            try:
+                self._write(what, args)
+                return
+            except StorageFull as exc:
+                if what == "ack":
+                    raise  # DEL needs no memory: not a full Redis
+                # Only before Redis 7 (no allow-oom): the usage stays in its
+                # hand-over key, which the next cycle adopts.
+                log.warning("could not %s, Redis is full: the usage stays in its hand-over key (%s)",
+                            "put back reports" if what == "restore" else "dead-letter a report", exc)
+                return
+            except StorageUnavailable as exc:
+                self._redis_lost = str(exc)
+                log.warning("Redis away (%s): no new backend calls; outcomes of the calls in flight are held "
+                            "until it is back", exc)
+        self.held.append((what, args))
+
+    def _write(self, what: str, args: tuple) -> None:
+        if what == "ack":
+            self.storage.acknowledge(args[0])
+        elif what == "restore":
+            self.storage.restore(args[0])
+        else:
+            self.storage.dead_letter(*args)
+
+    def _write_held(self, result: FlushResult) -> None:
+        """Retry the held outcomes until Redis takes them (each try under the retry policy)."""
+        result.held = len(self.held)
+        last_try = False
+        while self.held:
+            self.last_progress = time.monotonic()
+            try:
+                while self.held:
+                    self._write(*self.held[0])
+                    self.held.pop(0)
+                self._redis_lost = None
+                self._renew_lease(force=True)
+                log.info("Redis is back: wrote %d held outcome(s)", result.held)
+                return
+            except StorageUnavailable as exc:
+                if last_try:
+                    return
+                log.warning("Redis still away (%s); %d outcome(s) held", exc, len(self.held))
+            if self.stop.wait(1.0):
+                last_try = True  # stopping: one more try, then give up (flush_once says so)
+
     # ---- report phase --------------------------------------------------------
 
     def _report_all(self, owned: HandOver, cycle: Cycle,
                     result: FlushResult) -> Dict[str, Tuple[str, ...]]:
         """Deliver every owned report; returns report key -> reported metrics."""
         to_authorize: Dict[str, Tuple[str, ...]] = {}
-        acks = _Acks(self.storage, result)
+        acks = _Acks(self, result)
         calls: Iterable[List[Report]] = self._calls(owned, cycle, result, to_authorize, acks)
         while calls:
             retry: List[List[Report]] = []
@@ -157,16 +256,18 @@ class Flusher:
                 self._deliver(calls, cycle, result, acks, retry)
             finally:
                 acks.flush()  # what the backend took must leave Redis, whatever happens next
-            calls = retry
+            calls = retry if not self._stopping() else []
         return to_authorize
+
+    def _stopping(self) -> bool:
+        return self.stop.is_set() or self._redis_lost is not None
 
     def _deliver(self, calls, cycle: Cycle, result: FlushResult, acks: "_Acks", retry: List) -> None:
         """Send report calls; acknowledge, restore, set aside, or queue halves in ``retry``."""
-        last_renewal = time.monotonic()
         for call, error in self.backend.report_many(
                 ((call, call[0].service_id, [(r.credentials, r.usage) for r in call])
-                 for call in self._unless_stopping(calls, result)),
-                self.settings.concurrency, self.settings.transactions_in_flight, on_idle=acks.flush):
+                 for call in self._while_running(calls)),
+                self.settings.concurrency, self.settings.transactions_in_flight, on_idle=acks.idle):
             self.last_progress = time.monotonic()
             result.add(report_calls=1)
             if error is None:
@@ -184,19 +285,16 @@ class Flusher:
                 log.warning("report for service %s failed, %d report(s) kept for the next cycle: %s",
                             call[0].service_id, len(call), error)
                 result.backend_failed("report failed", error)
-                self.storage.restore(call)
+                self._apply("restore", call)
                 result.add(failed=len(call))
-            if time.monotonic() - last_renewal > self.settings.lease_ttl / 3:
-                self.storage.renew_lease(cycle, self.settings.lease_ttl)
-                last_renewal = time.monotonic()
+            self._renew_lease()
 
-    def _unless_stopping(self, calls: Iterable[List[Report]], result: FlushResult) -> Iterator[List[Report]]:
+    def _while_running(self, calls: Iterable[List[Report]]) -> Iterator[List[Report]]:
+        """No new backend call once stopping or Redis is away: what is not sent stays in its hand-over key."""
         for call in calls:
-            if self.stop.is_set():
-                self.storage.restore(call)  # stopping: hand usage back to the gateway's set now
-                result.add(failed=len(call))
-            else:
-                yield call
+            if self._stopping():
+                return
+            yield call
 
     def _calls(self, owned, cycle, result, to_authorize, acks: "_Acks") -> Iterator[List[Report]]:
         """Read owned reports chunk by chunk and group them into report calls."""
@@ -206,10 +304,19 @@ class Flusher:
         metric_sets: Dict[Tuple[str, ...], Tuple[str, ...]] = {}
         for chunk in iter_chunks(owned.items(), defaults.REDIS_CHUNK):
             acks.flush()  # not held while the next chunk is read
-            reports = self.storage.read_reports(chunk, cycle)
+            if self._stopping():
+                return
+            try:
+                reports = self.storage.read_reports(chunk, cycle)
+                cached = self.storage.cached_authorizations(
+                    [auth_key(r.service_id, r.credentials) for r in reports]) if batching else []
+            except StorageUnavailable as exc:
+                # The calls in flight finish and their outcomes are held; the
+                # unread reports stay in their hand-over keys.
+                self._redis_lost = str(exc)
+                log.warning("Redis away while reading reports (%s): no new backend calls", exc)
+                return
             result.add(reports=len(reports))
-            cached = self.storage.cached_authorizations(
-                [auth_key(r.service_id, r.credentials) for r in reports]) if batching else []
             for i, report in enumerate(reports):
                 metrics = tuple(map(sys.intern, report.usage))
                 to_authorize[report.report_key] = metric_sets.setdefault(metrics, metrics)  # shared copies
@@ -225,34 +332,42 @@ class Flusher:
                     params[report.service_id] = 0
                 batch.append(report)
                 params[report.service_id] = params.get(report.service_id, 0) + size
-        yield from (b for b in batches.values() if b)
+        if not self._stopping():
+            yield from (b for b in batches.values() if b)
 
     def _rejected(self, call: List[Report], exc: BackendRejected, cycle: Cycle, result: FlushResult) -> None:
         result.backend_failed("report refused", exc)
         if exc.code in CREDENTIAL_ERRORS or exc.status == 0:
             log.error("report for service %s refused, our credentials: %s (kept for the next cycle)",
                       call[0].service_id, exc)
-            self.storage.restore(call)
+            self._apply("restore", call)
             result.add(failed=len(call))
             return
         if exc.code not in HOPELESS_ERRORS:
             # No error code (an empty 4xx from a proxy, say) or one we do not
             # know: nothing says retrying cannot work, so it is retried.
             log.warning("report for service %s refused (%s), kept for the next cycle", call[0].service_id, exc)
-            self.storage.restore(call)
+            self._apply("restore", call)
             result.add(failed=len(call))
             return
         report = call[0]
-        failures = self.storage.count_failure(report)
+        failures = 1
+        if self._redis_lost is None:
+            try:
+                failures = self.storage.count_failure(report)
+            except StorageFull:
+                metrics.degraded_write("failure_count")  # counted from 1 again: retried a little longer
+            except StorageUnavailable:
+                pass  # _apply below holds the put-back
         if failures >= self.settings.dead_letter_after:
             log.error("report of %s refused %d times (%s): moved to %s", redact_key(report.report_key),
                       failures, exc, defaults.DEAD_LETTER_HASH)
-            self.storage.dead_letter(report, str(exc), cycle)
+            self._apply("dead_letter", report, str(exc), cycle)
             result.add(dead_lettered=1)
         else:
             log.warning("report of %s refused (%s), attempt %d of %d", redact_key(report.report_key), exc,
                         failures, self.settings.dead_letter_after)
-            self.storage.restore(call)
+            self._apply("restore", call)
             result.add(failed=1)
 
     # ---- authorize phase -----------------------------------------------------
@@ -260,40 +375,58 @@ class Flusher:
     def _authorize_all(self, to_authorize: Dict[str, Tuple[str, ...]], result: FlushResult) -> None:
         failures: Dict[str, int] = collections.Counter()
         renewed = []
+        not_cached: Dict[str, int] = collections.Counter()
         items = self._authorize_items(to_authorize, failures)
-        for (key, metrics), outcome in self.backend.authorize_many(items, self.settings.concurrency):
+        for (key, metrics_), outcome in self.backend.authorize_many(items, self.settings.concurrency):
             self.last_progress = time.monotonic()
             if isinstance(outcome, BackendError):
                 failures[str(outcome)] += 1
                 result.backend_failed("authorize failed", outcome)
                 continue
-            renewed.append((key, authorizations(outcome, metrics)))
+            renewed.append((key, authorizations(outcome, metrics_)))
             if len(renewed) >= defaults.REDIS_CHUNK:
-                self.storage.write_authorizations(renewed, self.settings.auth_ttl)
-                result.add(authorized=len(renewed))
+                self._cache(renewed, result, not_cached)
                 renewed = []
-        self.storage.write_authorizations(renewed, self.settings.auth_ttl)
-        result.add(authorized=len(renewed), auth_failures=sum(failures.values()))
+        self._cache(renewed, result, not_cached)
+        result.add(auth_failures=sum(failures.values()))
         for message, count in failures.items():
             log.warning("authorize failed for %d application(s), cached authorizations left to expire: %s",
                         count, message)
+        if not_cached:
+            log.warning("flush cycle delivered %d report(s), could not cache %d authorization(s): %s",
+                        result.delivered, result.not_cached, "; ".join(not_cached))
 
-    @staticmethod
-    def _authorize_items(to_authorize: Dict[str, Tuple[str, ...]], failures: Dict[str, int]):
-        for report_key_, metrics in to_authorize.items():
+    def _cache(self, renewed: List, result: FlushResult, not_cached: Dict[str, int]) -> None:
+        """Write renewed authorizations; what Redis cannot take is counted, not fatal."""
+        if not renewed:
+            return
+        try:
+            refused = self.storage.write_authorizations(renewed, self.settings.auth_ttl)
+            reason = "Redis is full (maxmemory)"
+        except StorageUnavailable as exc:
+            refused, reason = len(renewed), str(exc)
+        if refused:
+            metrics.degraded_write("authorization", refused)
+            not_cached[reason] += refused
+        result.add(authorized=len(renewed) - refused, not_cached=refused)
+
+    def _authorize_items(self, to_authorize: Dict[str, Tuple[str, ...]], failures: Dict[str, int]):
+        for report_key_, metrics_ in to_authorize.items():
+            if self.stop.is_set():
+                return  # SIGTERM: the calls in flight finish, no new one starts
             try:
                 service_id, creds = parse_report_key(report_key_)
             except MalformedKey as exc:
                 failures[str(exc)] += 1
                 continue
-            yield (auth_key(service_id, creds), metrics), service_id, creds
+            yield (auth_key(service_id, creds), metrics_), service_id, creds
 
 
 class _Acks:
     """Acknowledged reports, deleted from Redis together.
 
     They are deleted as soon as no other answer is ready to be read (the
-    multiplexer is about to wait: ``flush`` is its ``on_idle``), or when 64
+    multiplexer is about to wait: ``idle`` is its ``on_idle``), or when 64
     pile up. So answers that arrive together cost one Redis round trip, not
     one each, and usage the backend took leaves Redis before anything else
     is awaited: the at-least-once window stays the time to handle the answers
@@ -302,8 +435,8 @@ class _Acks:
 
     MAX = 64
 
-    def __init__(self, storage: Storage, result: FlushResult):
-        self.storage = storage
+    def __init__(self, flusher: "Flusher", result: FlushResult):
+        self.flusher = flusher
         self.result = result
         self.pending: List[Report] = []
 
@@ -312,11 +445,15 @@ class _Acks:
         if len(self.pending) >= self.MAX:
             self.flush()
 
+    def idle(self) -> None:
+        self.flush()
+        self.flusher._renew_lease()
+
     def flush(self) -> None:
         if self.pending:
-            self.storage.acknowledge(self.pending)
-            self.result.add(delivered=len(self.pending), hits=sum(sum(r.usage.values()) for r in self.pending))
-            self.pending = []
+            pending, self.pending = self.pending, []
+            self.flusher._apply("ack", pending)
+            self.result.add(delivered=len(pending), hits=sum(sum(r.usage.values()) for r in pending))
 
 
 def _confirmed(cached: Dict[str, str], usage: Dict[str, int]) -> bool:

@@ -28,11 +28,14 @@ import threading
 import time
 from typing import Any, Dict, List, Optional
 
-from . import __version__
+from . import __version__, metrics
 
 log = logging.getLogger(__name__)
 
 PREFIX = "xcflushd:daemon:"
+# Written even when Redis is at maxmemory (Redis 7's allow-oom): other
+# daemons adopt the hand-over keys of a daemon whose record is gone.
+_SET_EX = "return redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])"
 INTERVAL = 5.0   # seconds between beats
 TTL = 15         # a record outlives its daemon by at most this
 
@@ -41,7 +44,7 @@ def cycle_result(result) -> str:
     """ok: everything delivered and renewed; partial: some of it kept for the next cycle; failed: the cycle stopped."""
     if result.error:
         return "failed"
-    if result.failed or result.dead_lettered or result.auth_failures:
+    if result.failed or result.dead_lettered or result.auth_failures or getattr(result, "not_cached", 0):
         return "partial"
     return "ok"
 
@@ -77,6 +80,7 @@ class Heartbeat:
         }
         self._lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
+        self._script: Optional[str] = None
 
     def start(self) -> "Heartbeat":
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
@@ -95,10 +99,15 @@ class Heartbeat:
             self.record["beat_at"] = round(self.clock(), 3)
             text = json.dumps(self.record, separators=(",", ":"))
         try:
-            self.redis.set(self.key, text, ex=self.ttl)
+            if self._script is None:
+                version = str(self.redis.info("server").get("redis_version", "0"))
+                self._script = ("#!lua flags=allow-oom\n" if int(version.split(".")[0] or 0) >= 7 else "") + _SET_EX
+            self.redis.eval(self._script, 1, self.key, text, self.ttl)
             return True
-        except Exception as exc:  # Redis down or full: the next beat tries again
+        except Exception as exc:  # Redis down or (before Redis 7) full: the next beat tries again
             log.debug("heartbeat not written: %s: %s", type(exc).__name__, exc)
+            if str(exc).startswith("OOM"):
+                metrics.degraded_write("heartbeat")
             return False
 
     def clear(self) -> None:

@@ -44,6 +44,11 @@ priority_requests = Counter("xcflushd_priority_requests", "Priority authorizatio
                             "by result", ["result"])
 priority_response = Histogram("xcflushd_priority_response_seconds",
                               "Priority request received -> answer published", buckets=_PRIORITY_BUCKETS)
+redis_degraded_writes = Counter("xcflushd_redis_degraded_writes", "Writes Redis refused for want of memory "
+                                "(maxmemory, noeviction) that the daemon went on without, by what they were: "
+                                "authorization (a cached authorization), lease, heartbeat, failure_count",
+                                ["what"])
+DEGRADED_WRITES = ("authorization", "lease", "heartbeat", "failure_count")
 redis_up_gauge = Gauge("xcflushd_redis_up", "1 if the last Redis command got an answer, else 0")
 backend_up_gauge = Gauge("xcflushd_backend_up", "1 if the last backend call got a well-framed answer below 500")
 flush_frequency_gauge = Gauge("xcflushd_flush_frequency_seconds",
@@ -58,6 +63,8 @@ _durations = {e: backend_request_duration.labels(e) for e in ENDPOINTS}
 _priority = {r: priority_requests.labels(r) for r in PRIORITY_RESULTS}
 for _result in CYCLE_RESULTS:
     flush_cycles.labels(_result)
+for _what in DEGRADED_WRITES:
+    redis_degraded_writes.labels(_what)
 
 
 def backend_call(endpoint: str, code: Optional[int], seconds: float) -> None:
@@ -84,6 +91,15 @@ def priority_request(result: str, seconds: Optional[float] = None) -> None:
         child.inc()
         if seconds is not None:
             priority_response.observe(seconds)
+    except Exception as exc:
+        log.debug("metrics: %s", exc)
+
+
+def degraded_write(what: str, n: int = 1) -> None:
+    """``n`` writes of ``what`` refused by a full Redis, done without."""
+    try:
+        if n:
+            redis_degraded_writes.labels(what).inc(n)
     except Exception as exc:
         log.debug("metrics: %s", exc)
 

@@ -77,6 +77,7 @@ class PriorityRenewer:
         self._bad = RateLimitedLog(log, "malformed auth requests")
         self._failed = RateLimitedLog(log, "failed priority authorizations")  # e.g. a flood for an unknown service
         self._dropped = RateLimitedLog(log, "dropped priority requests")
+        self._not_cached = RateLimitedLog(log, "priority answers not cached")
         self._thread: Optional[threading.Thread] = None
         self._answerer: Optional[threading.Thread] = None
 
@@ -229,12 +230,18 @@ class PriorityRenewer:
             return
         try:
             # One round trip: cache, then answer (the gateway reads the cache next).
-            self.storage.cache_and_answer(auths, answers, self.auth_ttl)
+            refused = self.storage.cache_and_answer(auths, answers, self.auth_ttl)
         except StorageUnavailable as exc:
-            log.warning("could not cache and publish %d priority answer(s): %s", len(answers), exc)
+            # Redis away for longer than the retry policy: whether the answers
+            # went out is unknown; they are not sent again (once per request).
+            log.warning("could not cache or publish %d priority answer(s): %s", len(answers), exc)
             for _, _, joined in answered:
                 metrics.priority_request("deduplicated" if joined else "failed")
             return
+        if refused:
+            metrics.degraded_write("authorization", refused)
+            self._not_cached.warning("answered %d priority request(s), could not cache %d authorization(s): "
+                                     "Redis is full (maxmemory)", len(answers), refused)
         now = time.monotonic()
         for value, received, joined in answered:
             result = "deduplicated" if joined else ("denied" if value.startswith("0") else "authorized")

@@ -19,24 +19,29 @@ import json
 import logging
 import os
 import secrets
+import socket
 import time
 from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import redis
+from redis.backoff import EqualJitterBackoff
+from redis.retry import Retry
 
 from . import heartbeat
 from .defaults import (
-    ACK_RETRY_DELAYS,
     DEAD_LETTER_HASH,
     FAILURES_HASH,
     FLUSHING_PREFIX,
     LEASE_PREFIX,
     QUARANTINE_PREFIX,
     REDIS_CHUNK,
+    REDIS_RETRY_BASE,
+    REDIS_RETRY_BUDGET,
+    REDIS_RETRY_CAP,
     REPORT_KEYS_SET,
     TO_FLUSH_PREFIX,
 )
-from .errors import MalformedKey, StorageUnavailable
+from .errors import MalformedKey, StorageFull, StorageUnavailable
 from .keys import (
     Credentials,
     iter_chunks,
@@ -61,15 +66,45 @@ class Report(NamedTuple):
 
 
 class Cycle(NamedTuple):
-    """Names one flush cycle's hand-over keys: unique across processes and seconds."""
+    """Names one flush cycle's hand-over keys: unique across processes and seconds.
+
+    ``owner`` (the lease's value) says who runs it: a daemon's heartbeat id
+    (``host:pid:random``), or ``flush:host:pid`` for a one-shot ``xcflushd
+    flush``, which keeps no heartbeat.
+    """
 
     id: str
     suffix: str
+    owner: str = ""
 
     @classmethod
-    def new(cls) -> "Cycle":
+    def new(cls, owner: str = "") -> "Cycle":
         cycle_id = secrets.token_hex(6)
-        return cls(cycle_id, time.strftime("_%Y%m%d%H%M%S", time.gmtime()) + "_" + cycle_id)
+        return cls(cycle_id, time.strftime("_%Y%m%d%H%M%S", time.gmtime()) + "_" + cycle_id,
+                   owner or one_shot_owner())
+
+
+def one_shot_owner() -> str:
+    return f"flush:{socket.gethostname()}:{os.getpid()}"
+
+
+def _process_gone(owner: str) -> bool:
+    """The owner ran on this host and its process is gone (no need to wait for TTLs)."""
+    parts = owner.split(":")
+    if parts[0] == "flush":
+        parts = parts[1:]
+    if len(parts) < 2 or parts[0] != socket.gethostname() or not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 class HandOver(NamedTuple):
@@ -93,14 +128,57 @@ class HandOver(NamedTuple):
         yield from self.adopted
 
 
+def storage_error(exc: redis.RedisError) -> StorageUnavailable:
+    """Our error for a redis-py one: StorageFull when Redis is at maxmemory."""
+    cls = StorageFull if _is_oom(exc) else StorageUnavailable
+    return cls(f"redis: {type(exc).__name__}: {str(exc)[:160]}")
+
+
+def _is_oom(exc) -> bool:
+    return isinstance(exc, redis.OutOfMemoryError) or (
+        isinstance(exc, redis.ResponseError) and str(exc).startswith("OOM"))
+
+
 def _storage_errors(method):
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
         try:
             return method(*args, **kwargs)
         except redis.RedisError as exc:
-            raise StorageUnavailable(f"redis: {type(exc).__name__}: {str(exc)[:160]}") from None
+            raise storage_error(exc) from None
     return wrapper
+
+
+class BoundedRetry(Retry):
+    """redis-py's Retry (exponential backoff, equal jitter), bounded in time as well as count.
+
+    Every command of every client the daemon builds goes through it: a lost
+    connection or a timeout is retried, on a fresh connection, until
+    ``budget`` seconds have passed since the command was first sent. The
+    commands that run under it are written so that running one twice does
+    no harm (DEL, RENAME, idempotent scripts, HSET of the same values).
+    """
+
+    def __init__(self, budget: float = REDIS_RETRY_BUDGET, base: float = REDIS_RETRY_BASE,
+                 cap: float = REDIS_RETRY_CAP):
+        # The count is only a backstop: the budget ends the retries.
+        super().__init__(EqualJitterBackoff(cap=cap, base=base), retries=max(1, int(4 * budget / base)))
+        self.budget = budget
+
+    def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):
+        deadline = time.monotonic() + self.budget
+        first = [True]
+
+        def retryable(error: Exception) -> bool:
+            if is_retryable is not None and not is_retryable(error):
+                return False
+            if first[0]:
+                first[0] = False
+                log.info("redis: %s (%s); retrying for up to %.0fs", type(error).__name__,
+                         str(error)[:120], self.budget)
+            return time.monotonic() < deadline
+
+        return super().call_with_retry(do, fail, retryable, with_failure_count)
 
 
 def _command_packer():
@@ -117,11 +195,12 @@ def _command_packer():
         return None
 
 
-def connect(url: str, password: Optional[str] = None, pool_size: int = 32, timeout: float = 10.0) -> redis.Redis:
-    """A client whose strings round-trip any bytes the gateway wrote."""
+def connect(url: str, password: Optional[str] = None, pool_size: int = 32, timeout: float = 10.0,
+            retry_budget: float = REDIS_RETRY_BUDGET) -> redis.Redis:
+    """A client whose strings round-trip any bytes the gateway wrote, under the one retry policy."""
     kwargs = dict(decode_responses=True, encoding_errors="surrogateescape", socket_timeout=timeout,
                   socket_connect_timeout=min(timeout, 5.0), max_connections=pool_size,
-                  health_check_interval=30, client_name="xcflushd")
+                  health_check_interval=30, client_name="xcflushd", retry=BoundedRetry(retry_budget))
     packer = _command_packer()
     if packer is not None:
         kwargs["command_packer"] = packer
@@ -130,16 +209,53 @@ def connect(url: str, password: Optional[str] = None, pool_size: int = 32, timeo
     return redis.Redis.from_url(url, **kwargs)
 
 
+# Scripts that move usage are idempotent: each first checks that its hand-over
+# key still exists, and deletes it last, so the retry policy re-sending one
+# after a lost reply applies it once. They run with ``allow-oom`` (Redis 7):
+# what they write is what they free, and a full Redis must not keep usage
+# out of the gateway's report hashes.
+_RESTORE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+for i = 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1]) end
+redis.call('SADD', KEYS[3], KEYS[2])
+redis.call('DEL', KEYS[1])
+return 1
+"""
+_DEAD_LETTER = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('DEL', KEYS[1])
+redis.call('HDEL', KEYS[3], ARGV[3])
+return 1
+"""
+# A few bytes that say who owns what: written even when Redis is full, so
+# no other daemon takes a live cycle's keys for a dead one's.
+_HSET_SMALL = "return redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])"
+_SET_EX_SMALL = "return redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])"
+ALLOW_OOM = "#!lua flags=allow-oom\n"
+
+
 class Storage:
     def __init__(self, client: redis.Redis, chunk: int = REDIS_CHUNK):
         self.redis = client
         self.chunk = chunk
+        self._scripts: Optional[Dict[str, object]] = None
+
+    def _script(self, name: str):
+        """The named script, with ``allow-oom`` where the server knows it (Redis >= 7)."""
+        if self._scripts is None:
+            version = str(self.redis.info("server").get("redis_version", "0"))
+            prefix = ALLOW_OOM if int(version.split(".")[0] or 0) >= 7 else ""
+            self._scripts = {n: self.redis.register_script(prefix + body) for n, body in (
+                ("restore", _RESTORE), ("dead_letter", _DEAD_LETTER), ("hset", _HSET_SMALL),
+                ("set_ex", _SET_EX_SMALL))}
+        return self._scripts[name]
 
     # ---- leases ------------------------------------------------------------
 
     @_storage_errors
     def take_lease(self, cycle: Cycle, ttl: int) -> None:
-        self.redis.set(LEASE_PREFIX + cycle.id, os.getpid(), ex=ttl)
+        self._script("set_ex")(keys=[LEASE_PREFIX + cycle.id], args=[cycle.owner, ttl])
 
     renew_lease = take_lease
 
@@ -166,8 +282,10 @@ class Storage:
                 raise
         orphans: List[str] = []
         if recover:
-            sets += self._dead(self.redis.scan_iter(match=FLUSHING_PREFIX + "_*", count=1000), FLUSHING_PREFIX)
-            orphans = self._dead(self.redis.scan_iter(match=TO_FLUSH_PREFIX + "*", count=1000), TO_FLUSH_PREFIX)
+            sets += self._dead(self.redis.scan_iter(match=FLUSHING_PREFIX + "_*", count=1000), FLUSHING_PREFIX,
+                               cycle)
+            orphans = self._dead(self.redis.scan_iter(match=TO_FLUSH_PREFIX + "*", count=1000), TO_FLUSH_PREFIX,
+                                 cycle)
 
         members = []
         seen = set()
@@ -181,8 +299,13 @@ class Storage:
             self.redis.delete(*sets)
         return HandOver(renamed, cycle.suffix, self._adopt(orphans, cycle.suffix))
 
-    def _dead(self, names: Iterable[str], prefix: str) -> List[str]:
-        """Those hand-over keys whose cycle holds no lease any more."""
+    def _dead(self, names: Iterable[str], prefix: str, current: Cycle) -> List[str]:
+        """Those hand-over keys whose cycle is over: no lease, or a lease whose owner is gone.
+
+        A daemon's lease outlives it by up to LEASE_TTL; its heartbeat by
+        at most heartbeat.TTL, and on this host its process id says at once.
+        So a dead daemon's keys are adopted in seconds, not after the lease.
+        """
         by_cycle: Dict[Optional[str], List[str]] = {}
         for name in names:
             try:
@@ -193,11 +316,19 @@ class Storage:
             by_cycle.setdefault(cycle_id, []).append(name)
         if not by_cycle:
             return []
-        ids = [c for c in by_cycle if c is not None]
-        pipe = self.redis.pipeline(transaction=False)
-        for cycle_id in ids:
-            pipe.exists(LEASE_PREFIX + cycle_id)
-        alive = {c for c, live in zip(ids, pipe.execute()) if live}
+        ids = [c for c in by_cycle if c is not None and c != current.id]
+        owners = dict(zip(ids, self.redis.mget([LEASE_PREFIX + c for c in ids]))) if ids else {}
+        daemons = sorted({o for o in owners.values() if o and not o.startswith("flush:") and o.count(":") >= 2})
+        beating = dict(zip(daemons, self.redis.mget([heartbeat.PREFIX + d for d in daemons]))) if daemons else {}
+        alive = {current.id}
+        for cycle_id, owner in owners.items():
+            if owner is None or owner == current.owner:
+                continue  # no lease, or one of our own cycles that is over (we run one at a time)
+            if owner in beating and beating[owner] is None:
+                continue  # its daemon's heartbeat is gone
+            if _process_gone(owner):
+                continue
+            alive.add(cycle_id)
         # Keys without a cycle id were written by the Ruby daemon, which this one replaces.
         return [n for c, names_ in by_cycle.items() if c not in alive for n in names_]
 
@@ -279,10 +410,8 @@ class Storage:
         self._record_dead_letter(member, {}, f"{reason}; moved to {target}")
         log.error("quarantined %s: %s", redact_key(member), reason)
 
-    def _record_dead_letter(self, field: str, usage: Dict, reason: str, pipe=None) -> None:
-        entry = json.dumps({"usage": usage, "reason": reason,
-                            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        (pipe or self.redis).hset(DEAD_LETTER_HASH, field, entry)
+    def _record_dead_letter(self, field: str, usage: Dict, reason: str) -> None:
+        self._script("hset")(keys=[DEAD_LETTER_HASH], args=[field, _dead_letter_entry(usage, reason)])
 
     @_storage_errors
     def cached_authorizations(self, keys: Sequence[str]) -> List[Dict[str, str]]:
@@ -302,38 +431,31 @@ class Storage:
         """The backend took these: their usage leaves Redis now.
 
         Usage left here after the backend's 2xx is reported again by a later
-        cycle, so a lost connection or a Redis restart does not end it: the
-        DEL is idempotent (nothing else ever writes a cycle's ``to_flush:``
-        names) and is retried for a while (``ACK_RETRY_DELAYS``). Only a
-        process that dies here, or an outage that outlasts the retries,
-        counts usage twice (decision 6).
+        cycle. DEL and HDEL are idempotent (nothing else ever writes a
+        cycle's ``to_flush:`` names), so the retry policy may re-send them
+        after a lost connection, and they need no memory: Redis at
+        ``maxmemory`` still runs them.
         """
         for chunk in iter_chunks(reports, self.chunk):
-            for delay in ACK_RETRY_DELAYS + (None,):
-                try:
-                    pipe = self.redis.pipeline(transaction=False)
-                    pipe.delete(*(r.to_flush_key for r in chunk))
-                    # A delivery ends a run of refusals: only refusals in a row lead to the dead letter.
-                    pipe.hdel(FAILURES_HASH, *(r.report_key for r in chunk))
-                    pipe.execute()
-                    break
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
-                    if delay is None:
-                        raise
-                    log.warning("acknowledging %d delivered report(s): %s; retrying in %.2fs",
-                                len(chunk), type(exc).__name__, delay)
-                    time.sleep(delay)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.delete(*(r.to_flush_key for r in chunk))
+            # A delivery ends a run of refusals: only refusals in a row lead to the dead letter.
+            pipe.hdel(FAILURES_HASH, *(r.report_key for r in chunk))
+            pipe.execute()
 
     @_storage_errors
     def restore(self, reports: Sequence[Report]) -> None:
-        """Put usage back where the gateway writes, to be retried next cycle."""
+        """Put usage back where the gateway writes, to be retried next cycle.
+
+        One idempotent script per report (see _RESTORE): a re-sent put-back
+        finds its hand-over key gone and adds nothing.
+        """
+        script = self._script("restore")
         for chunk in iter_chunks(reports, self.chunk):
-            pipe = self.redis.pipeline(transaction=True)
+            pipe = self.redis.pipeline(transaction=False)
             for r in chunk:
-                for metric, value in r.usage.items():
-                    pipe.hincrby(r.report_key, metric, value)
-                pipe.sadd(REPORT_KEYS_SET, r.report_key)
-                pipe.delete(r.to_flush_key)
+                args = [x for metric, value in r.usage.items() for x in (metric, value)]
+                script(keys=[r.to_flush_key, r.report_key, REPORT_KEYS_SET], args=args, client=pipe)
             pipe.execute()
 
     @_storage_errors
@@ -342,31 +464,55 @@ class Storage:
 
     @_storage_errors
     def dead_letter(self, report: Report, reason: str, cycle: Cycle) -> None:
-        pipe = self.redis.pipeline(transaction=True)
-        self._record_dead_letter(report.report_key + cycle.suffix, report.usage, reason, pipe)
-        pipe.delete(report.to_flush_key)
-        pipe.hdel(FAILURES_HASH, report.report_key)
-        pipe.execute()
+        self._script("dead_letter")(
+            keys=[report.to_flush_key, DEAD_LETTER_HASH, FAILURES_HASH],
+            args=[report.report_key + cycle.suffix, _dead_letter_entry(report.usage, reason), report.report_key])
 
     # ---- authorizations ----------------------------------------------------
 
     @_storage_errors
-    def write_authorizations(self, items: Iterable[Tuple[str, Dict[str, str]]], ttl: int) -> None:
-        """HSET + EXPIRE per auth hash, many hashes per round trip."""
+    def write_authorizations(self, items: Iterable[Tuple[str, Dict[str, str]]], ttl: int) -> int:
+        """HSET + EXPIRE per auth hash, many hashes per round trip.
+
+        Returns how many hashes Redis refused for want of memory: a full
+        Redis costs cached authorizations (the gateway asks on the priority
+        path), never the cycle.
+        """
+        refused = 0
         for chunk in iter_chunks(items, self.chunk):
             pipe = self.redis.pipeline(transaction=False)
             _queue_authorizations(pipe, chunk, ttl)
-            pipe.execute()
+            refused += _refused_writes(pipe.execute(raise_on_error=False))
+        return refused
 
     @_storage_errors
     def cache_and_answer(self, auths: Dict[str, Dict[str, str]], answers: Sequence[Tuple[str, str]],
-                         ttl: int) -> None:
-        """Write auth hashes and publish priority answers, in this order, in one round trip."""
+                         ttl: int) -> int:
+        """Write auth hashes and publish priority answers, in this order, in one round trip.
+
+        PUBLISH needs no memory, so the answers go out even when Redis
+        refuses the auth hashes; returns how many it refused.
+        """
         pipe = self.redis.pipeline(transaction=False)
         _queue_authorizations(pipe, auths.items(), ttl)
         for channel, message in answers:
             pipe.publish(channel, message)
-        pipe.execute()
+        return _refused_writes(pipe.execute(raise_on_error=False))
+
+
+def _refused_writes(results: Sequence) -> int:
+    """Count OOM refusals in a pipeline's results; raise any other error."""
+    refused = 0
+    for result in results:
+        if isinstance(result, Exception):
+            if not _is_oom(result):
+                raise result
+            refused += 1
+    return refused
+
+
+def _dead_letter_entry(usage: Dict, reason: str) -> str:
+    return json.dumps({"usage": usage, "reason": reason, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
 
 def _queue_authorizations(pipe, items: Iterable[Tuple[str, Dict[str, str]]], ttl: int) -> None:
