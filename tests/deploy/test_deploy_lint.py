@@ -110,3 +110,10 @@ def test_the_collection_installs_self_contained(tmp_path, installed_collection):
     proc = subprocess.run([tool("ansible-doc"), "-t", "role", "threescale.xcflushd.xcflushd"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "xcflushd_provider_key" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_the_example_inventory_pins_this_checkouts_version():
+    import xcflushd
+
+    group_vars = yaml.safe_load((ANSIBLE_DIR / "inventory" / "group_vars" / "all.yml").read_text())
+    assert group_vars["xcflushd_version"] == xcflushd.__version__
