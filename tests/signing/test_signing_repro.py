@@ -68,7 +68,7 @@ def _read(path):
 def test_two_clean_clones_build_identical_sums(two_builds):
     a, b = two_builds
     assert _read(os.path.join(a, "SHA256SUMS")) == _read(os.path.join(b, "SHA256SUMS"))
-    epoch = int(_git("log", "-1", "--format=%ct"))
+    epoch = int(_git("log", "-1", "--format=%ct", HEAD))
     sdist = _read(os.path.join(a, f"xcflushd-{VERSION}.tar.gz"))
     assert sdist[4:8] == b"\0\0\0\0" and not sdist[3] & 0x08  # gzip: mtime 0, no file name
     with tarfile.open(fileobj=io.BytesIO(sdist)) as tar:
@@ -102,7 +102,7 @@ def test_reproduce_passes_on_an_untouched_release_with_its_image(two_builds, rel
     proc = run_make("reproduce", f"REF={HEAD}", f"RELEASE_DIR={two_builds[0]}", *args, timeout=1800)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     passes = [ln for ln in proc.stdout.splitlines() if ln.startswith("PASS") and "rebuilt identically" in ln]
-    assert len(passes) == 3, proc.stdout  # sdist, wheel, image manifest
+    assert len(passes) == 6, proc.stdout  # sdist, wheel, unit, sysusers, tmpfiles, image manifest
     assert any(IMAGE_NAME + ".manifest" in ln and "the digest the signature covers" in ln for ln in passes)
     assert "Reproduction OK" in proc.stdout
 
@@ -130,7 +130,7 @@ def test_reproduce_fails_naming_the_artifact_when_one_byte_changed(two_builds, r
     # One byte of one source file changes; the release is re-signed (a compromised build
     # machine signs what it built): every signature checks, only the rebuild tells.
     sdist = os.path.join(dist, f"xcflushd-{VERSION}.tar.gz")
-    _change_one_byte_of_a_member(sdist, "/xcflushd/cli.py", int(_git("log", "-1", "--format=%ct")))
+    _change_one_byte_of_a_member(sdist, "/xcflushd/cli.py", int(_git("log", "-1", "--format=%ct", HEAD)))
     args = _signed_release(dist, release_key, image_key, image=False)
     proc = run_make("reproduce", f"REF={HEAD}", f"RELEASE_DIR={dist}", *args)
     assert proc.returncode != 0
