@@ -148,7 +148,7 @@ def parse_status(resp: Response) -> AuthStatus:
         # Anything else (our own credentials, a malformed request, an empty
         # body) says nothing about the application: no denial gets cached.
         raise err
-    ctype = resp.headers.get("content-type", "")
+    ctype = resp.header("content-type")
     if "xml" not in ctype:
         raise BackendUnavailable(f"{what}: HTTP {resp.status} with content type {ctype[:60]!r}")
     root = _parse_xml(resp.body, what)
@@ -171,7 +171,7 @@ def parse_status(resp: Response) -> AuthStatus:
     reason_code = None
     limits = False
     if not authorized:
-        reason_code = resp.headers.get("3scale-rejection-reason") or None
+        reason_code = resp.header("3scale-rejection-reason") or None
         limits = reason_code == LIMITS_EXCEEDED or (root.findtext("reason") or "").lower() == _LIMITS_EXCEEDED_TEXT
         if limits:
             reason_code = LIMITS_EXCEEDED
