@@ -99,6 +99,11 @@ def test_garbage_is_an_error_for_that_call(status, body, ctype):
     b'<!DOCTYPE s SYSTEM "file:///etc/passwd"><status><authorized>true</authorized></status>',
     '<?xml version="1.0" encoding="UTF-16"?><!DOCTYPE s [<!ENTITY a "true">]>'
     '<status><authorized>&a;</authorized></status>'.encode("utf-16"),
+    # no "<!" in ASCII bytes: the fast path (no checking pass) must not take these
+    '<?xml version="1.0" encoding="UTF-16BE"?><!DOCTYPE s [<!ENTITY a "true">]>'
+    '<status><authorized>&a;</authorized></status>'.encode("utf-16-be"),
+    '<?xml version="1.0" encoding="UTF-16LE"?><!DOCTYPE s [<!ENTITY a "true">]>'
+    '<status><authorized>&a;</authorized></status>'.encode("utf-16-le"),
 ])
 def test_a_status_document_declaring_a_dtd_is_refused_whatever_its_encoding(body):
     with pytest.raises(BackendUnavailable, match="DTDForbidden"):

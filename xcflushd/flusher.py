@@ -308,8 +308,10 @@ class Flusher:
                 return
             try:
                 reports = self.storage.read_reports(chunk, cycle)
-                cached = self.storage.cached_authorizations(
-                    [auth_key(r.service_id, r.credentials) for r in reports]) if batching else []
+                # Only a flag per report is kept: the cached hashes (a dict of
+                # strings each) would stay alive while the chunk is batched.
+                confirmed = [_confirmed(c, r.usage) for c, r in zip(self.storage.cached_authorizations(
+                    [auth_key(r.service_id, r.credentials) for r in reports]), reports)] if batching else []
             except StorageUnavailable as exc:
                 # The calls in flight finish and their outcomes are held; the
                 # unread reports stay in their hand-over keys.
@@ -320,7 +322,7 @@ class Flusher:
             for i, report in enumerate(reports):
                 metrics = tuple(map(sys.intern, report.usage))
                 to_authorize[report.report_key] = metric_sets.setdefault(metrics, metrics)  # shared copies
-                if not batching or not _confirmed(cached[i], report.usage):
+                if not batching or not confirmed[i]:
                     yield [report]
                     continue
                 size = len(report.usage) + 1

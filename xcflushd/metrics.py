@@ -67,6 +67,9 @@ for _what in DEGRADED_WRITES:
     redis_degraded_writes.labels(_what)
 
 
+_backend_up: Optional[int] = None
+
+
 def backend_call(endpoint: str, code: Optional[int], seconds: float) -> None:
     """One backend call ended: ``code`` is its HTTP status, None when no well-framed answer came."""
     try:
@@ -79,7 +82,11 @@ def backend_call(endpoint: str, code: Optional[int], seconds: float) -> None:
         if duration is None:
             duration = _durations[endpoint] = backend_request_duration.labels(endpoint)
         duration.observe(seconds)
-        backend_up_gauge.set(0 if code is None or code >= 500 else 1)
+        global _backend_up
+        up = 0 if code is None or code >= 500 else 1
+        if up != _backend_up:  # set only on a change: a gauge set takes a lock, on every call
+            backend_up_gauge.set(up)
+            _backend_up = up
     except Exception as exc:  # metrics must never cost a call its outcome
         log.debug("metrics: %s", exc)
 

@@ -51,10 +51,52 @@ _ENDPOINTS = {"/transactions/authorize.xml": "authorize", "/transactions/oauth_a
               "/transactions.xml": "report"}
 
 
-class Response(NamedTuple):
-    status: int
-    headers: Dict[str, str]  # names lower-cased
-    body: bytes
+class Response:
+    """A well-framed answer. Its header dict is built on first use: most
+    callers read only the status and the body, and building it was ~7 % of a
+    call's Python time."""
+
+    __slots__ = ("status", "body", "_headers", "_lines")
+
+    def __init__(self, status: int, headers: Optional[Dict[str, str]] = None, body: bytes = b"",
+                 lines: Optional[List[bytes]] = None):
+        self.status = status
+        self.body = body
+        self._headers = headers
+        self._lines = lines  # the header lines after the status line, when headers is None
+
+    @property
+    def headers(self) -> Dict[str, str]:
+        """Names lower-cased."""
+        if self._headers is None:
+            headers = {}
+            for line in self._lines or ():
+                name, sep, value = line.partition(b":")
+                if sep:
+                    headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+            self._headers, self._lines = headers, None
+        return self._headers
+
+    def header(self, name: str, default: str = "") -> str:
+        """One header (``name`` lower-case), without building the dict; the last one wins, as in it."""
+        if self._headers is not None:
+            return self._headers.get(name, default)
+        target = name.encode("latin-1")
+        found = None
+        for line in self._lines or ():
+            key, sep, value = line.partition(b":")
+            if sep and key.strip().lower() == target:
+                found = value
+        return default if found is None else found.strip().decode("latin-1")
+
+    def __iter__(self):
+        return iter((self.status, self.headers, self.body))
+
+    def __eq__(self, other):
+        return isinstance(other, Response) and tuple(self) == tuple(other)
+
+    def __repr__(self):
+        return f"Response(status={self.status}, headers={self.headers!r}, body={self.body[:80]!r})"
 
 
 class Request(NamedTuple):
@@ -123,12 +165,7 @@ class _Slot:
             return "malformed status line"
         if b"\r\n" not in head[start:] and b"\n" not in head[start:]:  # no blank line: libcurl 8
             return "response head truncated"                           # takes a head cut off by a close as whole
-        headers = {}
-        for line in head[start + 1:]:
-            name, sep, value = line.partition(b":")
-            if sep:
-                headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
-        return Response(status, headers, bytes(self.chunks))
+        return Response(status, None, bytes(self.chunks), head[start + 1:])
 
 
 def _system_ca() -> Tuple[Optional[str], Optional[str]]:
@@ -284,7 +321,7 @@ class Engine:
         ``requests`` is consumed lazily on the calling thread (it may read its
         input as it goes); ``on_idle`` runs there whenever no answer is ready.
         """
-        ready: Deque[Tuple[_Call, Outcome]] = collections.deque()
+        ready: Deque[Tuple[Tuple[Any, int], Outcome]] = collections.deque()
         event = threading.Event()
 
         def done(call_tag, outcome):
@@ -300,9 +337,12 @@ class Engine:
                 if item is None:
                     exhausted = True
                     break
-                call = _Call(item[1], done, event=event)
-                call.tag = (item[0], call)
-                batch.append(call)
+                # The tag carries the weight, not the call: a call that
+                # referred to itself through its tag was a reference cycle,
+                # freed only by the cyclic GC, so finished report calls
+                # (their bodies and their reports) piled up until a gen-2
+                # collection: +13 MB peak RSS in a 50 000-application cycle.
+                batch.append(_Call(item[1], done, (item[0], item[1].weight), event=event))
                 in_flight += 1
                 weight += item[1].weight
             if batch:
@@ -317,9 +357,9 @@ class Engine:
                     while not ready:
                         event.wait(1.0)
             while ready:
-                (tag, call), outcome = ready.popleft()
+                (tag, call_weight), outcome = ready.popleft()
                 in_flight -= 1
-                weight -= call.request.weight
+                weight -= call_weight
                 yield tag, outcome
 
     # ---- the engine thread ---------------------------------------------------------
@@ -488,6 +528,8 @@ class Engine:
                 self._went_down(reason)
         slot.chunks.clear()
         slot.head.clear()
+        if call.request.body is not None:
+            h.setopt(pycurl.POSTFIELDS, b"")  # an idle handle must not keep a report body alive
         if code is not None and self._down is not None:
             self._came_back()
         self._idle.append(slot)
