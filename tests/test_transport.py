@@ -64,10 +64,13 @@ class ScriptedServer:
                 self.requests.append(head + b"\r\n\r\n" + buf[:length])
                 buf = buf[length:]
                 reply = self.replies.pop(0)
-                if callable(reply):
-                    reply(conn)
-                else:
-                    conn.sendall(reply)
+                try:
+                    if callable(reply):
+                        reply(conn)
+                    else:
+                        conn.sendall(reply)
+                except OSError:  # the client gave up first (a cap or a deadline hit): its call is what is tested
+                    return
                 served += 1
                 if self.close_after and served >= self.close_after:
                     return
