@@ -29,13 +29,11 @@ import time
 from typing import Any, Dict, List, Optional
 
 from . import __version__, metrics
+from .errors import StorageFull
 
 log = logging.getLogger(__name__)
 
 PREFIX = "xcflushd:daemon:"
-# Written even when Redis is at maxmemory (Redis 7's allow-oom): other
-# daemons adopt the hand-over keys of a daemon whose record is gone.
-_SET_EX = "return redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])"
 INTERVAL = 5.0   # seconds between beats
 TTL = 15         # a record outlives its daemon by at most this
 
@@ -80,7 +78,7 @@ class Heartbeat:
         }
         self._lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
-        self._script: Optional[str] = None
+        self._storage = None  # a Storage on self.redis, made at the first beat
 
     def start(self) -> "Heartbeat":
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
@@ -99,14 +97,17 @@ class Heartbeat:
             self.record["beat_at"] = round(self.clock(), 3)
             text = json.dumps(self.record, separators=(",", ":"))
         try:
-            if self._script is None:
-                version = str(self.redis.info("server").get("redis_version", "0"))
-                self._script = ("#!lua flags=allow-oom\n" if int(version.split(".")[0] or 0) >= 7 else "") + _SET_EX
-            self.redis.eval(self._script, 1, self.key, text, self.ttl)
+            if self._storage is None:
+                from .storage import Storage  # here, not at the top: storage reads PREFIX from this module
+
+                self._storage = Storage(self.redis)
+            # Written even when Redis is at maxmemory (Redis 7): other daemons
+            # adopt the hand-over keys of a daemon whose record is gone.
+            self._storage.set_record(self.key, text, self.ttl)
             return True
         except Exception as exc:  # Redis down or (before Redis 7) full: the next beat tries again
             log.debug("heartbeat not written: %s: %s", type(exc).__name__, exc)
-            if str(exc).startswith("OOM"):
+            if isinstance(exc, StorageFull):
                 metrics.degraded_write("heartbeat")
             return False
 

@@ -228,8 +228,9 @@ redis.call('DEL', KEYS[1])
 redis.call('HDEL', KEYS[3], ARGV[3])
 return 1
 """
-# A few bytes that say who owns what: written even when Redis is full, so
-# no other daemon takes a live cycle's keys for a dead one's.
+# A few bytes that say who owns what (set_record), and a dead letter's entry:
+# written even when Redis is full, so no other daemon takes a live cycle's
+# keys for a dead one's.
 _HSET_SMALL = "return redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])"
 _SET_EX_SMALL = "return redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])"
 ALLOW_OOM = "#!lua flags=allow-oom\n"
@@ -254,8 +255,13 @@ class Storage:
     # ---- leases ------------------------------------------------------------
 
     @_storage_errors
+    def set_record(self, key: str, value: str, ttl: int) -> None:
+        """SET key value EX ttl, even when Redis is full (Redis >= 7): a few bytes
+        that say who owns what (a lease, a daemon's heartbeat)."""
+        self._script("set_ex")(keys=[key], args=[value, ttl])
+
     def take_lease(self, cycle: Cycle, ttl: int) -> None:
-        self._script("set_ex")(keys=[LEASE_PREFIX + cycle.id], args=[cycle.owner, ttl])
+        self.set_record(LEASE_PREFIX + cycle.id, cycle.owner, ttl)
 
     renew_lease = take_lease
 
