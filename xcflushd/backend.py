@@ -333,6 +333,15 @@ def transaction_params(i: int, creds: Credentials, usage: Dict[str, int]) -> Lis
     return params
 
 
+def client_for(settings, service_credentials: ServiceCredentials, **sizes) -> BackendClient:
+    """A client that reaches the backend as ``settings`` say (URL, timeouts, proxy, CA):
+    the daemon's and ``check-backend``'s, so the probe tests the daemon's own route.
+    ``sizes``: priority_concurrency, priority_queue, max_connections."""
+    return make_client(settings.backend_url, service_credentials, settings.connect_timeout,
+                       settings.read_timeout, settings.backend_proxy, proxy_user=settings.backend_proxy_user,
+                       proxy_password=settings.backend_proxy_password, ca_file=settings.backend_ca_file, **sizes)
+
+
 def make_client(url: str, service_credentials: ServiceCredentials, connect_timeout: float,
                 read_timeout: float, proxy_url: Optional[str] = None, **transport_options) -> BackendClient:
     """``transport_options``: proxy_user, proxy_password, ca_file, priority_concurrency, priority_queue."""

@@ -18,7 +18,7 @@ import time
 from typing import Mapping, Optional
 
 from . import __version__, defaults, exporter, metrics
-from .backend import ServiceCredentials, make_client
+from .backend import ServiceCredentials, client_for
 from .config import Settings
 from .errors import ConfigError
 from .flusher import Flusher, FlushResult, FlushSettings
@@ -44,12 +44,9 @@ class Daemon:
         # Redis clients: the listener, the answerer, the scheduler, the heartbeat, and spares.
         self.redis = connect(s.redis_url, s.redis_password, pool_size=16)
         self.storage = Storage(self.redis)
-        self.backend = make_client(s.backend_url, ServiceCredentials(s.provider_key, s.service_tokens),
-                                   s.connect_timeout, s.read_timeout, s.backend_proxy,
-                                   proxy_user=s.backend_proxy_user, proxy_password=s.backend_proxy_password,
-                                   ca_file=s.backend_ca_file, priority_concurrency=s.prio_threads,
-                                   priority_queue=defaults.PRIO_QUEUE,
-                                   max_connections=s.threads + s.prio_threads + 8)
+        self.backend = client_for(s, ServiceCredentials(s.provider_key, s.service_tokens),
+                                  priority_concurrency=s.prio_threads, priority_queue=defaults.PRIO_QUEUE,
+                                  max_connections=s.threads + s.prio_threads + 8)
         self.heartbeat = Heartbeat(self.redis, s.frequency, self.stop)
         self.flusher = Flusher(self.storage, self.backend, FlushSettings(
             auth_ttl=s.auth_ttl, report_auth_wait=s.report_auth_wait, batch_size=s.report_batch_size,

@@ -19,7 +19,7 @@ each service token on its own service.
 
 from typing import List, NamedTuple
 
-from .backend import ServiceCredentials, make_client
+from .backend import ServiceCredentials, client_for
 from .errors import BackendError, BackendRejected
 from .keys import Credentials
 
@@ -46,10 +46,8 @@ def probe(settings) -> List[Outcome]:
     for service_id, token in sorted(settings.service_tokens.items()):
         checks.append((f"service token of service {service_id}", service_id,
                        ServiceCredentials(service_tokens={service_id: token})))
-    client = make_client(settings.backend_url, ServiceCredentials(), settings.connect_timeout,
-                         settings.read_timeout, settings.backend_proxy, proxy_user=settings.backend_proxy_user,
-                         proxy_password=settings.backend_proxy_password, ca_file=settings.backend_ca_file,
-                         priority_concurrency=1, priority_queue=len(checks) or 1, max_connections=2)
+    client = client_for(settings, ServiceCredentials(), priority_concurrency=1,
+                        priority_queue=len(checks) or 1, max_connections=2)
     app = Credentials({"app_id": PROBE_APP_ID})
     outcomes = []
     try:
