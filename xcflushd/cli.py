@@ -238,9 +238,8 @@ def _status(settings, as_json: bool) -> int:
     import json
 
     from . import status
-    from .storage import connect
 
-    client = connect(settings.redis_url, settings.redis_password, pool_size=2, timeout=5.0, retry_budget=1.0)
+    client = _tool_client(settings)
     try:
         document = status.collect(client)
     finally:
@@ -248,6 +247,14 @@ def _status(settings, as_json: bool) -> int:
     print(json.dumps(document, indent=2, sort_keys=True) if as_json else
           status.render(document, settings.redis_display))
     return status.exit_code(document)
+
+
+def _tool_client(settings):
+    """The Redis client of status and dead-letter: an operator waits on it, so Redis
+    down costs a second of retries, not the daemon's ten."""
+    from .storage import connect
+
+    return connect(settings.redis_url, settings.redis_password, pool_size=2, timeout=5.0, retry_budget=1.0)
 
 
 def _check_backend(settings) -> int:
@@ -283,14 +290,13 @@ def _dead_letter(settings, action: str, ids: List[str], options) -> int:
 
     from . import deadletter
     from .errors import StorageUnavailable
-    from .storage import connect
 
     # Entries quote Redis keys, which may hold bytes that are not UTF-8 or line
     # breaks: under a strict locale printing them would be a traceback, raw
     # they could forge lines of the listing.
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")
-    client = connect(settings.redis_url, settings.redis_password, pool_size=2, timeout=5.0, retry_budget=1.0)
+    client = _tool_client(settings)
     try:
         found = deadletter.entries(client)
         if action == "list":
