@@ -46,6 +46,9 @@ from typing import Optional
 import redis
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # tests/: rawserver
+from rawserver import RawServer, read_request  # noqa: E402
+
 from xcflushd import defaults  # noqa: E402
 from xcflushd.keys import Credentials, auth_request_message, report_key  # noqa: E402
 from xcflushd.sim.config import demo_config  # noqa: E402
@@ -506,59 +509,23 @@ HOSTILE = {
 }
 
 
-class HostileServer:
+def hostile_server(kind: str) -> RawServer:
     """A raw socket server answering every request with one broken response kind."""
+    payload, after = HOSTILE[kind]
 
-    def __init__(self, kind: str):
-        self.payload, self.after = HOSTILE[kind]
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.stopping = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn):
+    def handle(conn, stopping):
         conn.settimeout(60)
-        try:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
-            head, _, body = data.partition(b"\r\n\r\n")
-            m = re.search(rb"(?i)content-length:\s*(\d+)", head)
-            while m and len(body) < int(m.group(1)):
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                body += chunk
-            conn.sendall(self.payload)
-            if self.after == "stream":
-                block = b"x" * 65536
-                while not self.stopping.is_set():
-                    conn.sendall(block)
-            elif self.after == "stall":
-                while not self.stopping.is_set() and conn.recv(65536):
-                    pass
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def close(self):
-        self.stopping.set()
-        self.sock.close()
+        if read_request(conn) is None:
+            return
+        conn.sendall(payload)
+        if after == "stream":
+            block = b"x" * 65536
+            while not stopping.is_set():
+                conn.sendall(block)
+        elif after == "stall":
+            while not stopping.is_set() and conn.recv(65536):
+                pass
+    return RawServer(handle)
 
 
 def bench_hostile(args, workdir: str):
@@ -572,7 +539,7 @@ def bench_hostile(args, workdir: str):
             stack.r.flushall()
             stack.r.hincrby(key, "hits", 3)
             stack.r.sadd("report_keys", key)
-            server = HostileServer(kind)
+            server = hostile_server(kind)
             env = {k: v for k, v in os.environ.items() if not k.startswith("XCFLUSHD_")}
             argv = [sys.executable, "-m", "xcflushd", "flush", "--redis", f"127.0.0.1:{stack.redis_port}",
                     "--backend", server.url, "--provider-key-file", stack.key_file, "-c", os.devnull,

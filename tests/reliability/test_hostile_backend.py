@@ -8,11 +8,11 @@ Nothing here asserts speed: a bound of several read timeouts only says that a
 call ends at all.
 """
 
-import socket
 import threading
 import tracemalloc
 
 import pytest
+from rawserver import RawServer
 
 from xcflushd.backend import ServiceCredentials, make_client
 from xcflushd.errors import BackendError
@@ -68,36 +68,12 @@ def test_simulated_faults_are_failed_calls(sim, kind):
         assert peak < MEMORY_BOUND, f"{path}: {peak} bytes held for a {kind} answer"
 
 
-class HostileServer:
-    """Accepts connections and answers each with ``serve(conn)`` in a thread."""
-
-    def __init__(self, serve):
-        self.serve = serve
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.stop = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
-
-    def _one(self, conn):
-        try:
-            conn.recv(65536)
-            self.serve(conn, self.stop)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def close(self):
-        self.stop.set()
-        self.sock.close()
+def hostile_server(serve) -> RawServer:
+    """Answers each connection, once its request has arrived, with ``serve(conn, stopping)``."""
+    def handle(conn, stopping):
+        conn.recv(65536)
+        serve(conn, stopping)
+    return RawServer(handle)
 
 
 def endless(head: bytes, piece: bytes, pause: float = 0.0):
@@ -127,7 +103,7 @@ HOSTILE = {
 
 @pytest.mark.parametrize("name", HOSTILE)
 def test_hostile_servers_are_failed_calls(name):
-    server = HostileServer(HOSTILE[name])
+    server = hostile_server(HOSTILE[name])
     try:
         for path, call in both_paths(server.url):
             outcome, peak = measured(call, 10 * READ_TIMEOUT)
