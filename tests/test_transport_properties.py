@@ -11,6 +11,7 @@ exactly as sent; a report is deleted from Redis only after a well-framed
 "the call ended" (a bound of several deadlines).
 """
 
+import re
 import socket
 import string
 import threading
@@ -19,6 +20,7 @@ import tracemalloc
 from typing import List, NamedTuple, Optional, Union
 
 import pytest
+import rawserver
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
@@ -38,58 +40,30 @@ SECRET = "Qs3cr3tAppKey"               # in the query and the body of every call
 ECHO = object()                        # a piece of the script: the request head, sent back
 
 
-class RawServer:
+class RawServer(rawserver.RawServer):
     """Each connection: read one request (head and Content-Length body), answer with the
     current script (bytes pieces; a float is a pause), then close. Counts requests."""
 
     def __init__(self):
         self.script: List[Union[bytes, float, object]] = [b""]
         self.requests = 0
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.closing = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(self._answer)
 
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
-
-    def _one(self, conn):
+    def _answer(self, conn, stopping):
         conn.settimeout(ENDED_WITHIN)
-        try:
-            with conn:
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    got = conn.recv(65536)
-                    if not got:
-                        return
-                    data += got
-                head, _, body = data.partition(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length:")), 0)
-                while len(body) < length:
-                    body += conn.recv(65536)
-                self.requests += 1
-                for piece in self.script:
-                    if isinstance(piece, float):
-                        if self.closing.wait(piece):
-                            return
-                    else:
-                        conn.sendall(head if piece is ECHO else piece)
-                conn.shutdown(socket.SHUT_WR)
-                while conn.recv(65536):  # until the client closes: no reset racing its reads
-                    pass
-        except OSError:
-            pass  # the client gave up (a cap, a timeout, a framing error): that is its right
-
-    def close(self):
-        self.closing.set()
-        self.sock.close()
+        request = rawserver.read_request(conn)
+        if request is None:
+            return
+        self.requests += 1
+        for piece in self.script:
+            if isinstance(piece, float):
+                if stopping.wait(piece):
+                    return
+            else:
+                conn.sendall(request[0] if piece is ECHO else piece)
+        conn.shutdown(socket.SHUT_WR)
+        while conn.recv(65536):  # until the client closes: no reset racing its reads
+            pass
 
 
 # ---- generated answers ---------------------------------------------------------------
@@ -112,6 +86,7 @@ GARBAGE_STATUS_LINES = [
     b"200 OK", b"SSH-2.0-OpenSSH_9.2", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", b"HTTP/1.1 2OO OK",
 ]
 BAD_CHUNK_SIZES = [b"-6", b"zz", b"F" * 20, b"+2", b" 2", b"0x2", b"1 2", b"\xff"]
+LENIENT_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]+[^0-9A-Fa-f;]")  # what libcurl 8 takes anyway
 BAD_LENGTHS = [b"abc", b"-5", b"+3", b"1e3", b"0x10", b"", b"1 2", b"99999999999999999999999"]
 HOSTILE_LINES = [b"a header line without a colon", b"X-Nul: a\x00b", b" folded continuation",
                  b"X-Big: " + b"y" * 200_000, b"Content-Length : 2", b"X-Latin: \xe9t\xe9", b"X-Empty:"]
@@ -178,7 +153,11 @@ def replies(draw, allow_huge=True, statuses=tuple(STATUSES)):
                           draw(st.booleans()), draw(st.booleans()))
     elif framing == "bad_chunk":
         headers.append(b"Transfer-Encoding: chunked")
-        payload, verdict = draw(st.sampled_from(BAD_CHUNK_SIZES)) + b"\r\n" + body + b"\r\n0\r\n\r\n", INVALID
+        # libcurl reads the hex digits a size starts with and ignores what follows them
+        # ("0x2": the last chunk; "1 2": one byte):
+        # test_hex_digits_then_garbage_as_a_chunk_size_are_refused.
+        size = draw(st.sampled_from([size for size in BAD_CHUNK_SIZES if not LENIENT_CHUNK_SIZE.match(size)]))
+        payload, verdict = size + b"\r\n" + body + b"\r\n0\r\n\r\n", INVALID
     elif framing == "unterminated_chunks":   # closed before the last chunk
         headers.append(b"Transfer-Encoding: chunked")
         payload, verdict = chunked(body, [], False, False)[:-5], INVALID
@@ -293,7 +272,9 @@ def test_a_stall_anywhere_ends_the_call_at_its_deadline(reply, where, stall, raw
     """A server that stops writing (before, inside or after the head, mid-body) holds a
     call no longer than its deadline: a failed call, whatever it had sent so far."""
     script = list(reply.script)
-    script.insert(int(where * len(script)), stall)
+    # Before the last byte it writes: a stall after a whole answer does not hold the call.
+    last = max((i for i, piece in enumerate(script) if isinstance(piece, bytes) and piece), default=0)
+    script.insert(int(where * last), stall)
     raw_server.script = script
     outcome, _ = call(raw_server)
     assert isinstance(outcome, BackendUnavailable), outcome
@@ -322,6 +303,19 @@ def test_an_answer_over_the_cap_is_aborted_while_it_is_received(framing, raw_ser
 # ---- the flusher: deleted only after a well-framed 2xx ------------------------------------
 
 A1 = Credentials({"app_id": "a1b2c3", "app_key": SECRET})
+
+
+@pytest.mark.xfail(strict=True, reason="libcurl 8 reads a chunk size's leading hex digits and ignores the rest")
+@pytest.mark.parametrize("size, data", [(b"0x2", b""), (b"1 2", b"<")])
+def test_hex_digits_then_garbage_as_a_chunk_size_are_refused(raw_server, size, data):
+    """A chunk size of "0x2" or "1 2" (RFC 9112: 1*HEXDIG, then an extension after ";")
+    is a framing error, yet libcurl takes "0" (the last chunk) or "1". A 2xx so framed
+    would delete a report. Known, not fixed here (the transport does not parse chunks
+    itself); strict, so that a stricter libcurl will say so."""
+    raw_server.script = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + size + b"\r\n" + data
+                         + (b"\r\n0\r\n\r\n" if data else b"\r\n")]
+    outcome, _ = call(raw_server)
+    assert isinstance(outcome, BackendUnavailable), outcome
 
 
 @pytest.mark.xfail(strict=True, reason="libcurl 8 reuses a connection used within the last second without "
