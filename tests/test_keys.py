@@ -1,7 +1,10 @@
 """The gateway's wire format, byte for byte (shared protocol, section 7)."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from xcflushd import keys
 from xcflushd.errors import MalformedKey
 from xcflushd.keys import (
     Credentials,
@@ -97,3 +100,25 @@ def test_redacted_credentials_hide_secrets():
     creds = Credentials({"app_id": "visible", "app_key": "supersecretkey", "user_key": "abc"})
     text = creds.redacted()
     assert "visible" in text and "supersecretkey" not in text and "supe..." in text
+
+
+def _regex_fields(text):
+    """The general path, for any text: split at unescaped commas, then at the first unescaped colon."""
+    pairs = []
+    for field in keys._SEP.split(text):
+        parts = keys._NAME_VALUE.split(field, 1)
+        if len(parts) != 2:
+            return None
+        pairs.append((keys.unescape(parts[0]), keys.unescape(parts[1])))
+    return pairs
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(st.sampled_from("ab:,\\é \x00"), max_size=30), st.integers(0, 2))
+def test_the_unescaped_fast_split_is_the_regular_expressions(text, maxsplit):
+    assert keys._split(text, maxsplit) == keys._SEP.split(text, maxsplit)
+    try:
+        fields = keys._split_fields(text)
+    except MalformedKey:
+        fields = None
+    assert fields == _regex_fields(text)

@@ -31,8 +31,24 @@ def unescape(text: str) -> str:
     return text.replace("\\:", ":").replace("\\,", ",")
 
 
+def _split(text: str, maxsplit: int = 0) -> List[str]:
+    """Split at unescaped commas. Text without a backslash has nothing escaped:
+    str.split gives the same fields for a fraction of the regular expression's cost."""
+    if "\\" in text:
+        return _SEP.split(text, maxsplit)
+    return text.split(",", maxsplit if maxsplit else -1)
+
+
 def _split_fields(text: str) -> List[Tuple[str, str]]:
     """Split ``a:1,b:2`` into unescaped ``(name, value)`` pairs."""
+    if "\\" not in text:  # the common case: nothing escaped, nothing to unescape
+        pairs = []
+        for field in text.split(","):
+            name, sep, value = field.partition(":")
+            if not sep:
+                raise MalformedKey(f"field without name:value separator ({_clip(field)!r})")
+            pairs.append((name, value))
+        return pairs
     pairs = []
     for field in _SEP.split(text):
         parts = _NAME_VALUE.split(field, 1)
@@ -122,7 +138,7 @@ def report_key(service_id: str, creds: Credentials) -> str:
 
 
 def _parse_service_and_creds(text: str) -> Tuple[str, Credentials]:
-    parts = _SEP.split(text, 1)
+    parts = _split(text, 1)
     if len(parts) != 2 or not parts[0].startswith("service_id:"):
         raise MalformedKey(f"does not start with service_id:<id>, ({_clip(text)!r})")
     service_id = unescape(parts[0][len("service_id:"):])
@@ -183,7 +199,7 @@ class AuthRequest(NamedTuple):
 
 def parse_auth_request(raw: str) -> AuthRequest:
     """``service_id:<sid>,<creds>,metric:<metric>`` -> AuthRequest."""
-    fields = _SEP.split(raw)
+    fields = _split(raw)
     if len(fields) < 3 or not fields[-1].startswith("metric:"):
         raise MalformedKey(f"auth request without a trailing metric ({_clip(raw)!r})")
     metric = unescape(fields[-1][len("metric:"):])
