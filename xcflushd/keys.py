@@ -7,6 +7,7 @@ Backslash itself is not escaped, by either side.
 """
 
 import re
+import sys
 from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 from .defaults import AUTH_RESPONSES_CHANNEL_PREFIX, TO_FLUSH_PREFIX
@@ -47,7 +48,7 @@ def _split_fields(text: str) -> List[Tuple[str, str]]:
             name, sep, value = field.partition(":")
             if not sep:
                 raise MalformedKey(f"field without name:value separator ({_clip(field)!r})")
-            pairs.append((name, value))
+            pairs.append((sys.intern(name), value))  # a few names, held by every report of a cycle
         return pairs
     pairs = []
     for field in _SEP.split(text):
@@ -244,7 +245,7 @@ def parse_usage(fields: Dict[str, str]) -> Tuple[Dict[str, int], Dict[str, str]]
         if not 0 <= number <= _COUNTER_MAX:
             bad[metric] = value
         elif number:
-            usage[metric] = number
+            usage[sys.intern(metric)] = number  # metric names repeat in every report of a cycle
     return usage, bad
 
 

@@ -20,6 +20,7 @@ import logging
 import os
 import secrets
 import socket
+import sys
 import time
 from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -56,13 +57,21 @@ log = logging.getLogger(__name__)
 
 
 class Report(NamedTuple):
-    """One application's cached usage, taken out of the gateway's way."""
+    """One application's cached usage, taken out of the gateway's way.
 
-    to_flush_key: str
+    Its hand-over key is derived, not kept: the suffix is one string shared by
+    the cycle's reports, where a key each was ~140 bytes per report held.
+    """
+
+    suffix: str               # of the hand-over key: the cycle's, or an adopted key's
     report_key: str
     service_id: str
     credentials: Credentials
     usage: Dict[str, int]
+
+    @property
+    def to_flush_key(self) -> str:
+        return to_flush_key(self.report_key, self.suffix)
 
 
 class Cycle(NamedTuple):
@@ -405,7 +414,8 @@ class Storage:
                     self._record_dead_letter(member + cycle.suffix, bad, "non-integer usage values")
                     log.error("set aside %d non-integer usage field(s) of %s", len(bad), redact_key(member))
                 if usage:
-                    reports.append(Report(key, member, service_id, creds, usage))
+                    suffix = sys.intern(key[len(TO_FLUSH_PREFIX) + len(member):])
+                    reports.append(Report(suffix, member, service_id, creds, usage))
                 else:
                     self.redis.delete(key)
         return reports
