@@ -22,11 +22,16 @@ import secrets
 import socket
 import sys
 import time
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import redis
 from redis.backoff import EqualJitterBackoff
 from redis.retry import Retry
+
+try:
+    import hiredis
+except ImportError:  # redis-py works without it, more slowly
+    hiredis = None
 
 from . import heartbeat
 from .defaults import (
@@ -190,18 +195,44 @@ class BoundedRetry(Retry):
         return super().call_with_retry(do, fail, retryable, with_failure_count)
 
 
-def _command_packer():
-    """redis-py's own serializer, so strings are encoded with surrogateescape.
+class _SurrogateEscapePacker:
+    """Commands in the Redis protocol, strings encoded UTF-8 with surrogateescape.
 
-    With hiredis installed (its parser is several times faster) redis-py also
-    packs commands with hiredis, which encodes strict UTF-8 and would fail on
-    the rare key holding bytes that are not UTF-8.
+    redis-py packs with hiredis when it is installed, which encodes strict
+    UTF-8 and would fail on the rare key holding bytes that are not UTF-8; its
+    pure-Python packer takes the error handler but costs ~11 us a command
+    (three per priority answer). Here each argument is encoded as that
+    packer's encoder does, then hiredis frames the bytes: ~3 us, the same bytes.
     """
+
+    def __init__(self, encode: Callable[[Any], bytes]):
+        self._encode = encode
+
+    def pack(self, *args) -> List[bytes]:
+        if isinstance(args[0], str):  # "CONFIG GET": the words go as separate arguments
+            args = tuple(args[0].encode().split()) + args[1:]
+        elif b" " in args[0]:
+            args = tuple(args[0].split()) + args[1:]
+        encoded = []
+        for arg in args:
+            if arg.__class__ is str:
+                encoded.append(arg.encode("utf-8", "surrogateescape"))
+            else:
+                arg = self._encode(arg)  # numbers as redis-py writes them; refuses what it refuses
+                encoded.append(arg if arg.__class__ is bytes else bytes(arg))
+        return [hiredis.pack_command(tuple(encoded))]
+
+
+def _command_packer():
+    """The packer every client of the daemon uses: see _SurrogateEscapePacker."""
     try:
         from redis.connection import Encoder, PythonRespSerializer
-        return PythonRespSerializer(6000, Encoder("utf-8", "surrogateescape", False).encode)
+        encode = Encoder("utf-8", "surrogateescape", False).encode
     except (ImportError, TypeError):  # older or newer redis-py: its default packer
         return None
+    if hiredis is None:
+        return PythonRespSerializer(6000, encode)
+    return _SurrogateEscapePacker(encode)
 
 
 def connect(url: str, password: Optional[str] = None, pool_size: int = 32, timeout: float = 10.0,
