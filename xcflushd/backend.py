@@ -39,18 +39,28 @@ APPLICATION_ERRORS = frozenset({
 _AUTH_PARAMS = ("app_id", "app_key", "user_key", "referrer", "access_token")
 # What quote_plus leaves as it is: such a name or value needs no call into urllib.
 _PLAIN = re.compile(r"[A-Za-z0-9_.~-]*\Z").match
+# Report parameter names (``transactions[0][usage][hits]``): plain but for brackets.
+_BRACKETED = re.compile(r"[A-Za-z0-9_.~\[\]-]*\Z").match
+
+
+def _quote(text: str) -> str:
+    if _PLAIN(text):
+        return text
+    if _BRACKETED(text):
+        return text.replace("[", "%5B").replace("]", "%5D")
+    return urllib.parse.quote_plus(text, errors="surrogateescape")
 
 
 def urlencode(params: Iterable[Tuple[str, str]]) -> str:
     """``urllib.parse.urlencode(params, errors="surrogateescape")``, for str names and values.
 
-    Credentials and metric names are nearly always plain ASCII: those are
-    passed through, the rest go to quote_plus. The same string as urllib's,
-    for a quarter of the CPU (four Python calls per name and per value there).
+    Credentials and metric names are nearly always plain ASCII, and report
+    parameter names plain but for brackets: those are encoded here, the rest
+    go to quote_plus. The same string as urllib's, for a fraction of the CPU
+    (four Python calls per name and per value there; a report body has
+    thousands).
     """
-    quote = urllib.parse.quote_plus
-    return "&".join((k if _PLAIN(k) else quote(k, errors="surrogateescape")) + "=" +
-                    (v if _PLAIN(v) else quote(v, errors="surrogateescape")) for k, v in params)
+    return "&".join(_quote(k) + "=" + _quote(v) for k, v in params)
 
 
 class ServiceCredentials:
