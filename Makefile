@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 CHECK_MARKERS ?= not slow and not lab
 DURATIONS ?= 10
 # Test files run in parallel, each file in one worker (most tests wait on processes, not the CPU).
-WORKERS ?= -n 3 --dist loadfile
+WORKERS ?= -n 4 --dist loadfile
 SYSTEM_PACKAGES_FILE := tests/system-packages.txt
 
 .DEFAULT_GOAL := help

@@ -95,7 +95,7 @@ def one_hostile_character(draw):
     return draw(documents(SAFE + char * 4, escape=False))
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(st.one_of(documents(HOSTILE, escape=True), documents(HOSTILE, escape=False), one_hostile_character()))
 def test_hostile_text_reads_the_same_or_goes_to_the_xml_parser(body):
     fast = _canonical_status(body)
@@ -117,7 +117,7 @@ def mutated(draw):
     return bytes(body)
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated())
 def test_any_byte_changed_reads_the_same_or_goes_to_the_xml_parser(body):
     fast = _canonical_status(body)
