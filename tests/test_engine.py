@@ -15,7 +15,7 @@ import threading
 import pytest
 import redis as redislib
 from prometheus_client import REGISTRY
-from xcftest import DEMO_CONFIG, wait_until
+from xcftest import DEMO_CONFIG, free_port, wait_until
 
 from xcflushd.backend import ServiceCredentials, make_client
 from xcflushd.flusher import Flusher, FlushSettings
@@ -142,9 +142,7 @@ def test_a_full_priority_queue_drops_requests_logs_and_counts_them(r, renewer_fo
 # ---- outages ------------------------------------------------------------------------
 
 def refused_url():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from xcftest import free_port
 
 from xcflushd.backend import ServiceCredentials, make_client
 from xcflushd.errors import BackendError, BackendUnavailable
@@ -155,10 +156,7 @@ def test_read_timeout_is_enforced_blocking_and_multiplexed():
 
 
 def test_connection_refused_is_an_error_not_a_crash():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    t = transport(port)
+    t = transport(free_port())
     with pytest.raises(BackendUnavailable):
         t.request(t.build("GET", "/"))
     [(tag, outcome)] = list(t.request_many([("only", t.build("GET", "/"))], 4))

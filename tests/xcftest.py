@@ -6,6 +6,7 @@ has its own conftest.py, so ``from conftest import ...`` is ambiguous).
 """
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -16,11 +17,21 @@ import time
 import pytest
 import redis
 
+# Below the kernel's ephemeral range (32768-60999 by default): a server that binds port 0, in
+# this or another test worker, cannot be handed a port chosen here before its owner binds it.
+_CHOSEN_PORTS = range(20000, 32768)
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for _ in range(100):
+        port = random.choice(_CHOSEN_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port in 20000-32767")
 
 
 class RedisServer:
@@ -53,6 +64,8 @@ class RedisServer:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port)
         for _ in range(200):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited at start (port {self.port} taken?)")
             try:
                 client.ping()
                 return

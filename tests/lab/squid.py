@@ -20,17 +20,12 @@ import time
 from typing import Dict, List, Optional
 
 import pytest
+from xcftest import free_port
 
 SQUID = "/usr/sbin/squid"
 NCSA_AUTH = "/usr/lib/squid/basic_ncsa_auth"
 DIGEST_AUTH = "/usr/lib/squid/digest_file_auth"
 REALM = "xcflushd-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Squid:
@@ -39,7 +34,7 @@ class Squid:
             if not tool or not os.path.exists(tool):
                 pytest.fail("squid or htpasswd not installed: run `make deps` (squid, apache2-utils)")
         self.dir = tempfile.mkdtemp(prefix="xcf-squid-")
-        self.port = _free_port()
+        self.port = free_port()
         self.access_log = os.path.join(self.dir, "access.log")
         lines = [f"http_port 127.0.0.1:{self.port}", "visible_hostname xcflushd-test"]
         if users and auth == "digest":

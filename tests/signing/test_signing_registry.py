@@ -14,6 +14,7 @@ import urllib.request
 
 import pytest
 from signing_helpers import IMAGE_TAG, REFERENCE, make_layout, run_make
+from xcftest import free_port
 
 from signing import atomic
 from signing.gpghome import open_gpg, stop_agent
@@ -27,19 +28,11 @@ pytestmark = [
 ]
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def registry():
     """docker-registry serving a temporary filesystem store on a free loopback port."""
     root = tempfile.mkdtemp(prefix="registry-")
-    port = _free_port()
+    port = free_port()
     config = os.path.join(root, "config.yml")
     with open(config, "w") as fh:
         fh.write(f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n"

@@ -22,6 +22,7 @@ if str(TESTS) not in sys.path:  # makes `lab` (tests/lab) importable
 
 from lab.notifysock import NotifyListener  # noqa: E402
 from lab.units import parse_unit  # noqa: E402
+from xcftest import free_port  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -54,12 +55,6 @@ def lab_root():
     from lab import nspawn
 
     return nspawn.root_or_skip(NODE_PACKAGES)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Redis:

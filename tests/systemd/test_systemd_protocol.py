@@ -10,10 +10,10 @@ starve a healthy daemon now and then (seen with 1 s: one 1.0 s gap in eight).
 """
 
 import signal
-import socket
 import time
 
 import pytest
+from xcftest import free_port
 
 WATCHDOG_USEC = 2_000_000
 WATCHDOG_SEC = WATCHDOG_USEC / 1e6
@@ -21,9 +21,7 @@ WATCHDOG_SEC = WATCHDOG_USEC / 1e6
 
 def closed_backend() -> str:
     """A backend that refuses connections: an outage from the first cycle."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 def pings(listener, since: float = 0.0, until: float = float("inf")) -> list:
