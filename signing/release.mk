@@ -155,9 +155,11 @@ dist: release-tools
 	    --outdir "$$(cd $(DIST_DIR) && pwd)" "$$src" >/dev/null
 	$(SIGNING_TOOL) normalize --epoch $(SOURCE_DATE_EPOCH) $(SDIST)
 	install -m 0644 systemd/xcflushd.service systemd/xcflushd.sysusers systemd/xcflushd.tmpfiles $(DIST_DIR)/
-	@$(MAKE) --no-print-directory sums
+	@$(MAKE) --no-print-directory -o $(VENV)/.installed sums
 
-# A new make: ARTIFACTS must see the files the recipe before it wrote.
+# A new make: ARTIFACTS must see the files the recipe before it wrote. The sub-makes get
+# -o .installed: the caller made `install` already, and make does not pass -o down (a
+# rebuild in a clone, run with -o, reinstalled the caller's venv from the clone).
 sums: install
 	$(SIGNING_TOOL) sums --out $(SUMS) $(ARTIFACTS)
 	@cat $(SUMS)
@@ -168,7 +170,7 @@ sums: install
 wheelhouse: install
 	@test -f $(WHEEL) || { echo "no $(WHEEL): run make dist first" >&2; exit 1; }
 	$(PY) -m pip wheel -q --prefer-binary --wheel-dir $(DIST_DIR) $(WHEEL)
-	@$(MAKE) --no-print-directory sums
+	@$(MAKE) --no-print-directory -o $(VENV)/.installed sums
 
 image: deps dist
 	$(SIGNING_TOOL) image --wheel $(WHEEL) --version $(VERSION) --image-dir $(IMAGE_DIR) \
@@ -195,7 +197,7 @@ verify-image: install
 
 # The rebuild uses this checkout's venv for its build tools (-o: never reinstalled there).
 reproduce: install
-	@$(MAKE) --no-print-directory $(if $(filter 1,$(REPRODUCE_IMAGE)),verify,verify-dist) DIST_DIR=$(RELEASE_DIR)
+	@$(MAKE) --no-print-directory -o $(VENV)/.installed $(if $(filter 1,$(REPRODUCE_IMAGE)),verify,verify-dist) DIST_DIR=$(RELEASE_DIR)
 	@$(SIGNING_TOOL) reproduce --repo "$(REPO_URL)" --ref "$(REF)" --release-dir $(RELEASE_DIR) \
 	  --sums $(notdir $(SUMS)) --image-name $(IMAGE_NAME) --image-tag $(IMAGE_TAG) --image $(REPRODUCE_IMAGE) \
 	  --make-var VENV=$(abspath $(VENV)) --make-var PY=$(abspath $(PY)) --make-var=--old-file=$(abspath $(VENV))/.installed \

@@ -49,6 +49,16 @@ def build_clone(parent, targets):
     return dist
 
 
+@pytest.fixture(scope="module", autouse=True)
+def venv_untouched():
+    """The rebuilds borrow this checkout's venv for their tools: they must not reinstall it
+    (a reinstall from a clone pointed the editable install at the clone, since deleted)."""
+    stamp = os.path.join(VENV, ".installed")
+    before = os.stat(stamp).st_mtime_ns
+    yield
+    assert os.stat(stamp).st_mtime_ns == before, "a rebuild in a clone reinstalled the checkout's venv"
+
+
 @pytest.fixture(scope="module")
 def two_builds():
     targets = ["dist", "image"] if CAN_BUILD_IMAGE else ["dist"]
