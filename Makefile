@@ -7,9 +7,8 @@ PYTEST_ARGS ?=
 # The fast tier: what `make check` leaves out (see SLOW in tests/conftest.py).
 CHECK_MARKERS ?= not slow and not lab
 DURATIONS ?= 10
-# Test files run in parallel, each file in one worker (most tests wait on processes, not the CPU),
-# the longest files first (LONGEST_FIRST in tests/conftest.py).
-WORKERS ?= -n 4 --dist loadfile --no-loadscope-reorder
+# Test files run in parallel, each file in one worker (most tests wait on processes, not the CPU).
+WORKERS ?= -n 4 --dist loadfile
 SYSTEM_PACKAGES_FILE := tests/system-packages.txt
 
 .DEFAULT_GOAL := help

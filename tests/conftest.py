@@ -72,31 +72,12 @@ SLOW = (
 )
 
 
-# The longest test files, longest first (seconds in a make test). Each file runs in one
-# worker (--dist loadfile), so these go out first (with --no-loadscope-reorder, which would
-# otherwise hand out the files with the most tests first): the rollout, begun last, was
-# the suite's tail.
-LONGEST_FIRST = (
-    "tests/deploy/test_deploy_rollout.py",             # ~600 s: one fleet, its tests in order
-    "tests/signing/test_signing_repro.py",             # ~250 s
-    "tests/signing/test_signing_image.py",             # ~140 s
-    "tests/reliability/test_chaos.py",                 # ~135 s
-    "tests/systemd/test_systemd_node.py",              # ~85 s
-)
-
-
 def pytest_collection_modifyitems(config, items):
     root = str(config.rootpath)
     for item in items:
         nodeid = os.path.relpath(str(item.path), root) + item.nodeid[len(item.nodeid.split("::")[0]):]
         if nodeid.startswith(SLOW):
             item.add_marker(pytest.mark.slow)
-
-    def rank(item):
-        path = os.path.relpath(str(item.path), root)
-        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
-
-    items.sort(key=rank)  # stable: the order within a file and among the rest is kept
 
 
 @pytest.fixture
