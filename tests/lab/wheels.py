@@ -19,6 +19,7 @@ interpreter resolves them. Inside a node::
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +30,11 @@ __all__ = ["build_wheels", "VENV_INSTALL"]
 #: The shell command that installs the wheels mounted at /wheels into a venv ($1).
 VENV_INSTALL = ('python3 -m venv "$1" && "$1/bin/pip" install -q --no-index --no-cache-dir '
                 '--find-links /wheels/deps /wheels/project/*.whl')
+
+
+#: What a project's wheel is not built from (and what one build leaves for the next).
+_NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__",
+                                     ".hypothesis", ".pytest_cache", ".ruff_cache")
 
 
 def _resolve(attempt) -> None:
@@ -70,7 +76,11 @@ def build_wheels(project: PathLike, out: PathLike, root: Optional[PathLike] = No
     (out / "project").mkdir(parents=True, exist_ok=True)
     (out / "deps").mkdir(parents=True, exist_ok=True)
     host_cache.mkdir(parents=True, exist_ok=True)
-    proc = _pip(python, "wheel", "-q", "--no-deps", "-w", str(out / "project"), str(project))
+    # From a private copy: setuptools builds in the tree's build/, and two test workers
+    # building the same checkout at once broke each other's wheel ("No such file").
+    with tempfile.TemporaryDirectory(prefix="wheel-src-") as src:
+        shutil.copytree(project, src, dirs_exist_ok=True, symlinks=True, ignore=_NOT_SOURCE)
+        proc = _pip(python, "wheel", "-q", "--no-deps", "-w", str(out / "project"), src)
     if proc.returncode:
         raise LabError(f"building the project wheel failed:\n{proc.stderr[-3000:]}")
     (wheel,) = sorted((out / "project").glob("*.whl"))
