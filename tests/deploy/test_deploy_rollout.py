@@ -4,7 +4,8 @@ The tests run in order on one fleet (module scope), each starting from the state
 before left, as an operator's runs would:
 
 1. --check --diff on fresh nodes: shows the config to come, changes nothing, leaves nothing;
-2. first rollout of release 1: every node runs xcflushd, active and READY, flushing;
+2. first rollout of release 1 (all three at once: nothing runs there yet): every node runs
+   xcflushd, active and READY, flushing;
 3. the same run again changes nothing;
 4. --check --diff on converged nodes with a change: the diff and the restart shown, nothing done;
 5. a config change restarts the nodes one batch (one node) at a time;
@@ -80,7 +81,9 @@ def test_check_mode_on_fresh_nodes_changes_nothing(fleet, releases):
 
 
 def test_first_rollout_every_node_active_and_ready(fleet, releases):
-    result = fleet.play(release=releases[0])
+    # One batch: batches of one, the default, are what the later runs check (one node at a
+    # time, and a run that stops at its failed batch); here they would only run the play thrice.
+    result = fleet.play("-e", "gateway_batch_size=3", release=releases[0])
     assert result.returncode == 0, ok(result)
     assert set(result.recap) == {"localhost", *fleet.hosts}, ok(result)
     assert all(r["failed"] == 0 and r["unreachable"] == 0 for r in result.recap.values()), ok(result)
@@ -155,6 +158,7 @@ def test_config_change_restarts_one_batch_at_a_time(fleet, releases):
         up_again = int(after[i]["ActiveEnterTimestampMonotonic"])
         next_down = int(after[i + 1]["ActiveExitTimestampMonotonic"])
         assert up_again < next_down, (f"gw{i + 2} stopped before gw{i + 1} was back", after)
+    assert fleet.staging_left() == []  # removed after the last of the three batches
 
 
 def test_a_wrong_provider_key_stops_the_rollout_at_the_first_node(fleet, releases):
@@ -290,10 +294,10 @@ def test_rerun_after_the_fix_resumes_at_the_failed_node(fleet, releases):
 
 def test_rollback_from_the_installed_collection(fleet, releases, installed_collection):
     # The collection as ansible-galaxy installs it, run from outside the checkout without its
-    # ansible.cfg, rolls gw1 and gw2 back to release 1 (pinned by xcflushd_version); gw3
-    # already runs it.
-    result = fleet.play("-e", f"xcflushd_version={releases[0].version}", release=releases[0],
-                        collections=installed_collection)
+    # ansible.cfg, rolls gw1 and gw2 back to release 1 (pinned by xcflushd_version), in one
+    # batch; gw3 already runs it.
+    result = fleet.play("-e", f"xcflushd_version={releases[0].version}", "-e", "gateway_batch_size=3",
+                        release=releases[0], collections=installed_collection)
     assert result.returncode == 0, ok(result)
     assert result.changed("gw1") > 0 and result.changed("gw2") > 0, ok(result)
     for node in fleet.nodes:
