@@ -22,10 +22,12 @@ def status(*args, env=None):
 
 
 def run_daemon(daemon_process, redis_server, sim, tmp_path, provider_key="pk-test"):
+    """The first cycle runs at once; the next one a minute later, so that the first stays the
+    heartbeat's ``last_cycle`` for as long as a loaded machine takes to run ``status``."""
     key = tmp_path / "pk"
     key.write_text(provider_key + "\n")
     daemon = daemon_process(["run", "--redis", redis_server.address, "--backend", sim.url,
-                             "--provider-key-file", str(key), "-c", "/dev/null", "--frequency", "1",
+                             "--provider-key-file", str(key), "-c", "/dev/null", "--frequency", "60",
                              "--report-auth-wait", "0"])
     daemon.wait_for("ready:")
     return daemon
