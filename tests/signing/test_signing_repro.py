@@ -5,7 +5,8 @@ directories) must build byte-identical sdist, wheel and image (hence the same
 SHA256SUMS and the same manifest digest the image signature covers). ``make reproduce``
 must pass on an untouched release and fail, naming the artifact and the first differing
 member, when one byte of it changed. The image part reuses the base cached in
-IMAGE_CACHE (built by test_signing_image.py, or by the first build here).
+IMAGE_CACHE (built by test_signing_image.py, or by the first build here); the second
+clone's build shows that it does.
 """
 
 import io
@@ -37,7 +38,8 @@ IMAGE_NAME = f"xcflushd-image-{VERSION}-1"
 
 
 def build_clone(parent, targets):
-    """A fresh clone of HEAD under ``parent``, built with its own make; returns its dist."""
+    """A fresh clone of HEAD under ``parent``, built with its own make; returns its dist
+    (the build's output is kept beside it, in ``build.log``)."""
     src, dist = os.path.join(parent, "src"), os.path.join(parent, "dist")
     _git("clone", "--quiet", "--no-hardlinks", REPO, src)
     _git("checkout", "--quiet", "--detach", HEAD, cwd=src)
@@ -46,6 +48,8 @@ def build_clone(parent, targets):
                            f"VENV={VENV}", f"PY={VENV}/bin/python", f"--old-file={VENV}/.installed"],
                           capture_output=True, text=True, timeout=1800, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(os.path.join(parent, "build.log"), "w") as fh:
+        fh.write(proc.stdout + proc.stderr)
     return dist
 
 
@@ -94,6 +98,15 @@ def test_two_clean_clones_build_the_same_image(two_builds):
     assert _read(a + ".manifest") == _read(b + ".manifest")  # hence the same signed digest
     assert sorted(os.listdir(os.path.join(a, "blobs", "sha256"))) == \
         sorted(os.listdir(os.path.join(b, "blobs", "sha256")))
+
+
+@pytest.mark.skipif(not CAN_BUILD_IMAGE, reason="building the image needs root and debootstrap, umoci, skopeo")
+def test_the_second_build_reuses_the_cached_base(two_builds):
+    # The clones share IMAGE_CACHE (outside any tree): whoever built the base first, the
+    # second clone's build only reads it.
+    with open(os.path.join(os.path.dirname(two_builds[1]), "build.log")) as fh:
+        log = fh.read()
+    assert "base: cached" in log and "debootstrap" not in log, log[-3000:]
 
 
 def _signed_release(dist, key, image_key, image):
