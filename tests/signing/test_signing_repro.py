@@ -24,6 +24,8 @@ from signing import repro
 pytestmark = pytest.mark.slow
 _IMAGE_TOOLS = ("debootstrap", "umoci", "skopeo", "unshare", "chroot")
 CAN_BUILD_IMAGE = os.geteuid() == 0 and all(shutil.which(t) for t in _IMAGE_TOOLS)
+needs_image = pytest.mark.skipif(not CAN_BUILD_IMAGE,
+                                 reason="building the image needs root and debootstrap, umoci, skopeo")
 VENV = os.path.join(REPO, ".venv")
 
 
@@ -92,7 +94,7 @@ def test_two_clean_clones_build_identical_sums(two_builds):
     assert {(m.uid, m.gid, m.uname, m.gname, m.mtime) for m in members} == {(0, 0, "", "", epoch)}
 
 
-@pytest.mark.skipif(not CAN_BUILD_IMAGE, reason="building the image needs root and debootstrap, umoci, skopeo")
+@needs_image
 def test_two_clean_clones_build_the_same_image(two_builds):
     a, b = (os.path.join(d, IMAGE_NAME) for d in two_builds)
     assert _read(a + ".manifest") == _read(b + ".manifest")  # hence the same signed digest
@@ -100,7 +102,7 @@ def test_two_clean_clones_build_the_same_image(two_builds):
         sorted(os.listdir(os.path.join(b, "blobs", "sha256")))
 
 
-@pytest.mark.skipif(not CAN_BUILD_IMAGE, reason="building the image needs root and debootstrap, umoci, skopeo")
+@needs_image
 def test_the_second_build_reuses_the_cached_base(two_builds):
     # The clones share IMAGE_CACHE (outside any tree): whoever built the base first, the
     # second clone's build only reads it.
@@ -119,7 +121,7 @@ def _signed_release(dist, key, image_key, image):
     return args
 
 
-@pytest.mark.skipif(not CAN_BUILD_IMAGE, reason="building the image needs root and debootstrap, umoci, skopeo")
+@needs_image
 def test_reproduce_passes_on_an_untouched_release_with_its_image(two_builds, release_key, image_key):
     args = _signed_release(two_builds[0], release_key, image_key, image=True)
     proc = run_make("reproduce", f"REF={HEAD}", f"RELEASE_DIR={two_builds[0]}", *args, timeout=1800)
