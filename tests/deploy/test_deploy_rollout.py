@@ -34,6 +34,9 @@ from .conftest import RELEASE2_UNIT_MARK
 
 pytestmark = pytest.mark.lab
 
+#: Runs 1, 3 and 4 (see above): gw1 and the controller.
+ONE_NODE = ("--limit", "localhost,gw1")
+
 UNIT = "xcflushd"
 PROPS = ("ActiveState", "SubState", "Type", "MainPID", "NRestarts", "StatusText", "Result",
          "ActiveEnterTimestampMonotonic", "ActiveExitTimestampMonotonic")
@@ -75,8 +78,7 @@ def node_state(node) -> str:
 def test_check_mode_on_fresh_nodes_changes_nothing(fleet, releases):
     before = [node_state(n) for n in fleet.nodes]
     assert all("/opt/xcflushd absent" in b for b in before)
-    # One node (and the controller): what --check does on a node does not depend on the others.
-    result = fleet.play("--check", "--diff", "--limit", "localhost,gw1", release=releases[0])
+    result = fleet.play("--check", "--diff", *ONE_NODE, release=releases[0])
     assert result.returncode == 0, ok(result)
     assert set(result.recap) == {"localhost", "gw1"}, ok(result)
     assert result.recap["gw1"]["failed"] == 0 and result.recap["gw1"]["changed"] > 0, ok(result)
@@ -123,10 +125,8 @@ def test_first_rollout_every_node_active_and_ready(fleet, releases):
 
 
 def test_second_run_changes_nothing(fleet, releases):
-    # gw1 and the controller: the nodes are alike, and what a run does on one does not depend
-    # on the others (the first rollout ran all three in one batch for the same reason).
     before = service(fleet.nodes[0])["MainPID"]
-    result = fleet.play("--limit", "localhost,gw1", release=releases[0])
+    result = fleet.play(*ONE_NODE, release=releases[0])
     assert result.returncode == 0, ok(result)
     assert {h: r["changed"] for h, r in result.recap.items()} == {"localhost": 0, "gw1": 0}, ok(result)
     assert service(fleet.nodes[0])["MainPID"] == before  # nothing restarted
@@ -134,7 +134,7 @@ def test_second_run_changes_nothing(fleet, releases):
 
 def test_check_mode_on_converged_nodes_shows_the_change_and_makes_none(fleet, releases):
     before = [(node_state(n), service(n)["MainPID"]) for n in fleet.nodes]
-    result = fleet.play("--check", "--diff", "--limit", "localhost,gw1", "-e", "xcflushd_frequency=11",
+    result = fleet.play("--check", "--diff", *ONE_NODE, "-e", "xcflushd_frequency=11",
                         "-e", "xcflushd_provider_key=pk-next-secret", release=releases[0])
     assert result.returncode == 0, ok(result)
     assert set(result.recap) == {"localhost", "gw1"} and result.recap["gw1"]["failed"] == 0, ok(result)
