@@ -324,16 +324,25 @@ def test_junk_after_an_answer_is_not_the_next_answer(raw_server):
     """A server that writes junk after a whole answer: the next call on that connection
     reads the junk as its answer and fails, though its request was sent (a real backend
     would act on it: a report counted, then sent again next cycle). Known, not fixed here;
-    strict, so that a libcurl that checks will say so."""
-    engine = Engine(raw_server.url, CONNECT_TIMEOUT, READ_TIMEOUT)
-    try:
-        raw_server.script = [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 0.001, b"JUNK"]
-        assert isinstance(_call(engine, "GET")[0], Response)
-        raw_server.script = [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
-        outcome, _ = _call(engine, "GET")
-        assert isinstance(outcome, Response), outcome
-    finally:
-        engine.close()
+    strict, so that a libcurl that checks will say so.
+
+    Only a second call within a second of the first shows it: libcurl checks a connection
+    idle for longer. A loaded machine may take longer, so such a try is made again."""
+    for _ in range(5):
+        engine = Engine(raw_server.url, CONNECT_TIMEOUT, READ_TIMEOUT)
+        try:
+            raw_server.script = [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 0.001, b"JUNK"]
+            assert isinstance(_call(engine, "GET")[0], Response)
+            first_done = time.monotonic()
+            raw_server.script = [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
+            outcome, _ = _call(engine, "GET")
+            within_a_second = time.monotonic() - first_done < 1.0
+        finally:
+            engine.close()
+        if within_a_second:
+            assert isinstance(outcome, Response), outcome
+            return
+    pytest.skip("the machine never made the second call within a second of the first")
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow,
