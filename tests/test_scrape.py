@@ -1,6 +1,6 @@
 """A real Prometheus (Debian's ``prometheus`` server) scraping a running daemon.
 
-The scrape configuration is the README's (job ``xcflushd``, the shipped alert
+The scrape configuration is the one docs/operations.md shows (job ``xcflushd``, the shipped alert
 rules), with the daemon's address and a 1 s interval; the test asks
 Prometheus's HTTP API what it scraped and how the rules evaluate.
 """
@@ -26,12 +26,12 @@ RULES = REPO / "monitoring" / "xcflushd-alerts.yml"
 APPS = [Credentials({"app_id": a}) for a in ("free1", "free2", "free3")]
 
 
-def readme_scrape_config() -> dict:
-    """The ``prometheus.yml`` the README's "Scrape configuration" shows."""
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("### Scrape configuration", 1)[1]
+def documented_scrape_config() -> dict:
+    """The ``prometheus.yml`` docs/operations.md's "Scrape configuration" shows."""
+    page = (REPO / "docs" / "operations.md").read_text()
+    section = page.split("### Scrape configuration", 1)[1]
     block = re.search(r"```yaml\n(.*?)```", section, re.S)
-    assert block, "no yaml block in the README's scrape configuration"
+    assert block, "no yaml block in docs/operations.md's scrape configuration"
     return yaml.safe_load(block.group(1))
 
 
@@ -42,7 +42,7 @@ class Prometheus:
         binary = shutil.which("prometheus")
         if binary is None:
             pytest.fail("prometheus not installed: run `make deps` (Debian package prometheus)")
-        config = readme_scrape_config()
+        config = documented_scrape_config()
         config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
         config["rule_files"] = [str(RULES)]
         [job] = config["scrape_configs"]
