@@ -36,16 +36,18 @@ deps:
 	  $$SUDO apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$missing >/dev/null; \
 	fi
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+# The simulator (sim/) is a distribution of its own, installed beside the daemon for make run,
+# make bench and the tests; the release wheel holds the daemon only.
+$(VENV)/.installed: setup.cfg pyproject.toml sim/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test]' -e ./sim
 	touch $@
 
 install: $(VENV)/.installed
 
 run: deps install
-	$(PY) -m xcflushd.sim.devrun
+	$(PY) -m xcflushd_sim.devrun
 
 check: deps install
 	$(PY) -m pytest $(WORKERS) -m "$(CHECK_MARKERS)" $(PYTEST_ARGS)
@@ -64,10 +66,10 @@ bench: deps install
 	$(PY) tests/bench/bench.py $(BENCH_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check xcflushd tests
+	$(VENV)/bin/ruff check xcflushd sim tests
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info sim/build sim/*.egg-info .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 -include signing/release.mk

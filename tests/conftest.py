@@ -31,7 +31,7 @@ def r(redis_server):
 
 @pytest.fixture
 def sim():
-    from xcflushd.sim.server import Simulator
+    from xcflushd_sim.server import Simulator
 
     simulator = Simulator(DEMO_CONFIG).start()
     yield simulator

@@ -3,7 +3,7 @@
 import time
 
 from xcflushd.keys import Credentials, report_key
-from xcflushd.sim.gateway import Gateway
+from xcflushd_sim.gateway import Gateway
 
 A1 = Credentials({"app_id": "a1b2c3", "app_key": "s3cr3t"})
 

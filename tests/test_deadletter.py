@@ -24,8 +24,8 @@ from xcflushd.backend import ServiceCredentials, make_client
 from xcflushd.defaults import DEAD_LETTER_HASH, REPORT_KEYS_SET
 from xcflushd.flusher import Flusher, FlushSettings
 from xcflushd.keys import Credentials, report_key
-from xcflushd.sim.gateway import Gateway
 from xcflushd.storage import Cycle, Storage, connect
+from xcflushd_sim.gateway import Gateway
 
 A1 = Credentials({"app_id": "a1b2c3", "app_key": "s3cr3t"})
 FREE1 = Credentials({"app_id": "free1"})
@@ -233,7 +233,7 @@ def test_two_commands_at_once_and_a_flushing_daemon_lose_and_double_nothing(tmp_
     """2 000 entries; `requeue --all` twice and `drop --all --yes`, interleaved, while a daemon
     flushes every second and the gateway keeps counting on the same applications. Every unit
     ends exactly once: delivered to the backend, or in a dropped entry (nothing stays in Redis)."""
-    from xcflushd.sim.server import Simulator
+    from xcflushd_sim.server import Simulator
 
     for rnd in range(50):
         set_aside(r, [("555", Credentials({"app_id": a}), "hits", 1 + (rnd * 7 + i) % 13) for i, a in enumerate(APPS)])

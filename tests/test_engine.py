@@ -20,9 +20,9 @@ from xcftest import DEMO_CONFIG, free_port, wait_until
 from xcflushd.backend import ServiceCredentials, make_client
 from xcflushd.flusher import Flusher, FlushSettings
 from xcflushd.keys import Credentials, auth_request_message
-from xcflushd.sim.gateway import Gateway
-from xcflushd.sim.server import Simulator
 from xcflushd.storage import Storage, connect
+from xcflushd_sim.gateway import Gateway
+from xcflushd_sim.server import Simulator
 
 A1 = Credentials({"app_id": "a1b2c3", "app_key": "s3cr3t"})
 RESPONSES = "xc_channel_auth_response:"

@@ -8,8 +8,8 @@ import pytest
 from xcflushd.backend import ServiceCredentials, make_client
 from xcflushd.flusher import Flusher, FlushSettings
 from xcflushd.keys import Credentials, auth_key, report_key
-from xcflushd.sim.gateway import Gateway
 from xcflushd.storage import Storage, connect
+from xcflushd_sim.gateway import Gateway
 
 A1 = Credentials({"app_id": "a1b2c3", "app_key": "s3cr3t"})
 ODD = Credentials({"app_id": "a:i,1", "app_key": "k:e,y"})

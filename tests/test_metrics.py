@@ -20,7 +20,7 @@ from xcftest import free_port, wait_until
 from xcflushd.config import is_loopback, parse_listen
 from xcflushd.errors import ConfigError
 from xcflushd.keys import Credentials
-from xcflushd.sim.gateway import Gateway
+from xcflushd_sim.gateway import Gateway
 
 A1 = Credentials({"app_id": "a1b2c3", "app_key": "s3cr3t"})
 APPS = [Credentials({"app_id": a}) for a in ("free1", "free2", "free3")]
@@ -196,7 +196,7 @@ def test_backend_calls_are_counted_exactly_under_faults(tmp_path, r, redis_serve
     is counted once, under its endpoint and status."""
     from xcftest import DEMO_CONFIG
 
-    from xcflushd.sim.server import Simulator
+    from xcflushd_sim.server import Simulator
 
     sim = Simulator(DEMO_CONFIG, faults={"rate": 0.3, "kinds": ["500", "503_html"], "seed": 7}).start()
     try:
@@ -273,7 +273,7 @@ def test_backlog_gauges_follow_redis(tmp_path, r, redis_server, daemon_process):
     from xcftest import DEMO_CONFIG
 
     from xcflushd.defaults import DEAD_LETTER_HASH
-    from xcflushd.sim.server import Simulator
+    from xcflushd_sim.server import Simulator
 
     sim = Simulator(DEMO_CONFIG, faults={"rate": 1.0, "kinds": ["500"], "endpoints": ["report"]}).start()
     try:

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from xcftest import wait_until
 
 from xcflushd.keys import Credentials
-from xcflushd.sim.gateway import Gateway
+from xcflushd_sim.gateway import Gateway
 
 REPO = Path(__file__).resolve().parents[1]
 RULES = REPO / "monitoring" / "xcflushd-alerts.yml"
@@ -83,8 +83,8 @@ def exported(tmp_path_factory, redis_server):
     """{sample name: label names} from the /metrics of a daemon that flushed and answered."""
     from xcftest import DEMO_CONFIG, DaemonProcess
 
-    from xcflushd.sim.server import Simulator
     from xcflushd.storage import connect
+    from xcflushd_sim.server import Simulator
 
     sim = Simulator(DEMO_CONFIG).start()
     client = connect(redis_server.url)

@@ -16,8 +16,8 @@ from lab.squid import Squid
 from xcftest import DEMO_CONFIG
 
 from xcflushd.keys import Credentials, report_key
-from xcflushd.sim.gateway import Gateway
-from xcflushd.sim.server import Simulator
+from xcflushd_sim.gateway import Gateway
+from xcflushd_sim.server import Simulator
 
 USER = "alice"
 PASSWORD = "pr0xy s3cr:t@!"   # spaces, a colon and an at sign: each must survive the trip

@@ -9,7 +9,7 @@ import redis as redislib
 from xcftest import DEMO_CONFIG, RedisServer
 
 from xcflushd.keys import Credentials, auth_key
-from xcflushd.sim.gateway import Gateway
+from xcflushd_sim.gateway import Gateway
 
 A1 = Credentials({"app_id": "a1b2c3", "app_key": "s3cr3t", "referrer": "x.example.org"})
 
@@ -41,7 +41,7 @@ def test_denials_carry_their_reason(sim, r, renewer_for):
 
 
 def test_fifty_identical_requests_make_one_backend_call(r, renewer_for):
-    from xcflushd.sim.server import Simulator
+    from xcflushd_sim.server import Simulator
 
     with Simulator(DEMO_CONFIG, latency=0.5).start() as slow:
         renewer_for(slow.url)

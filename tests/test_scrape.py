@@ -19,7 +19,7 @@ from xcftest import free_port, wait_until
 
 from xcflushd.defaults import DEAD_LETTER_HASH
 from xcflushd.keys import Credentials
-from xcflushd.sim.gateway import Gateway
+from xcflushd_sim.gateway import Gateway
 
 REPO = Path(__file__).resolve().parents[1]
 RULES = REPO / "monitoring" / "xcflushd-alerts.yml"

@@ -11,7 +11,7 @@ from xcftest import free_port, wait_until
 from xcflushd.defaults import DEAD_LETTER_HASH
 from xcflushd.heartbeat import PREFIX
 from xcflushd.keys import Credentials
-from xcflushd.sim.gateway import Gateway
+from xcflushd_sim.gateway import Gateway
 
 A1 = Credentials({"app_id": "a1b2c3", "app_key": "s3cr3t"})
 

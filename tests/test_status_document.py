@@ -20,8 +20,8 @@ from xcflushd.backend import (
     parse_status,
 )
 from xcflushd.keys import Credentials
-from xcflushd.sim.xmldoc import escape_attr, escape_text
 from xcflushd.transport import Response
+from xcflushd_sim.xmldoc import escape_attr, escape_text
 
 SAFE = "abcXYZ019 _-.:/+=!#$%'()*,;?@[]^`{|}~"          # what the fast path takes as it is
 HOSTILE = SAFE + "&<>\"\t\n\r\x00\x1f\x7f]é€\ufffe"     # what it must leave to the XML parser

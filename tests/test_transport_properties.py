@@ -29,9 +29,9 @@ from xcflushd.defaults import MAX_RESPONSE_BYTES
 from xcflushd.errors import BackendUnavailable, XcflushdError
 from xcflushd.flusher import Flusher, FlushSettings
 from xcflushd.keys import Credentials, report_key
-from xcflushd.sim.gateway import Gateway
 from xcflushd.storage import Storage, connect
 from xcflushd.transport import Engine, Response
+from xcflushd_sim.gateway import Gateway
 
 CONNECT_TIMEOUT, READ_TIMEOUT = 0.5, 0.5
 DEADLINE = CONNECT_TIMEOUT + READ_TIMEOUT

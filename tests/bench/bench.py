@@ -51,8 +51,8 @@ from rawserver import RawServer, read_request  # noqa: E402
 
 from xcflushd import defaults  # noqa: E402
 from xcflushd.keys import Credentials, auth_request_message, report_key  # noqa: E402
-from xcflushd.sim.config import demo_config  # noqa: E402
-from xcflushd.sim.devrun import gateway_credentials  # noqa: E402
+from xcflushd_sim.config import demo_config  # noqa: E402
+from xcflushd_sim.devrun import gateway_credentials  # noqa: E402
 
 PHASES = re.compile(r"(handover|report|wait|authorize)=(\d+)ms")
 METRICS = ("hits", "search", "update", "bytes")
@@ -82,7 +82,7 @@ class Stack:
             json.dump(self.config, fh)
         self.sim_port = free_port()
         self.sim_proc = subprocess.Popen(
-            [sys.executable, "-m", "xcflushd.sim.cli", "--listen", f"127.0.0.1:{self.sim_port}",
+            [sys.executable, "-m", "xcflushd_sim.cli", "--listen", f"127.0.0.1:{self.sim_port}",
              "--config", config_path, "--latency-ms", str(latency_ms)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         self.sim_url = f"http://127.0.0.1:{self.sim_port}"

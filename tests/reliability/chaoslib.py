@@ -31,7 +31,7 @@ from xcftest import DEMO_CONFIG, wait_until  # noqa: F401 (re-exported to the te
 from xcflushd.defaults import DEAD_LETTER_HASH, QUARANTINE_PREFIX, TO_FLUSH_PREFIX
 from xcflushd.errors import MalformedKey
 from xcflushd.keys import Credentials, auth_key, report_key, split_suffixed
-from xcflushd.sim.gateway import Gateway
+from xcflushd_sim.gateway import Gateway
 
 Key = Tuple[str, str]  # (report key, metric)
 

@@ -11,7 +11,7 @@ import pytest
 from chaoslib import usage_in_redis
 
 from xcflushd.keys import Credentials, report_key
-from xcflushd.sim.gateway import Gateway
+from xcflushd_sim.gateway import Gateway
 
 A1 = Credentials({"app_id": "a1b2c3", "app_key": "s3cr3t"})
 FREE = [Credentials({"app_id": f"free{i}"}) for i in (1, 2, 3)]

@@ -38,8 +38,8 @@ from chaoslib import (
 )
 from xcftest import RedisServer
 
-from xcflushd.sim.gateway import Gateway
-from xcflushd.sim.server import Simulator
+from xcflushd_sim.gateway import Gateway
+from xcflushd_sim.server import Simulator
 
 KILLS, REDIS_RESTARTS, CLIENT_KILL_ROUNDS = (300, 20, 20) if LONG else (32, 3, 3)
 FAULT_RATE = 0.15

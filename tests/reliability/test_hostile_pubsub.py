@@ -22,8 +22,8 @@ from xcftest import DEMO_CONFIG, DaemonProcess, RedisServer
 
 from xcflushd.errors import MalformedKey
 from xcflushd.keys import Credentials, escape, parse_auth_request
-from xcflushd.sim.gateway import Gateway
-from xcflushd.sim.server import Simulator
+from xcflushd_sim.gateway import Gateway
+from xcflushd_sim.server import Simulator
 
 BATCHES, PER_BATCH = 100, 100   # 10 000 messages
 APP_KEY = "ak-0123456789abcdef"

@@ -39,9 +39,9 @@ from xcftest import RedisServer
 from xcflushd import heartbeat
 from xcflushd.defaults import LEASE_PREFIX, REPORT_KEYS_SET
 from xcflushd.keys import Credentials, auth_request_message, report_key
-from xcflushd.sim.gateway import Gateway
-from xcflushd.sim.server import Simulator
 from xcflushd.storage import Cycle, Storage, connect
+from xcflushd_sim.gateway import Gateway
+from xcflushd_sim.server import Simulator
 
 READY = "ready: priority auth channel subscribed"
 CYCLE_DONE = "flush cycle: reports="

@@ -19,8 +19,8 @@ from chaoslib import wait_until
 from xcftest import DEMO_CONFIG, free_port
 
 from xcflushd.keys import Credentials
-from xcflushd.sim.gateway import Gateway
-from xcflushd.sim.server import Simulator
+from xcflushd_sim.gateway import Gateway
+from xcflushd_sim.server import Simulator
 
 PROVIDER_KEY = "pk-SECRET-provider-0001"
 BAD_TOKEN = "st-SECRET-token-0002"          # the simulator expects st-555: refused, and quoted

@@ -1,1 +1,1 @@
-"""Tests of the 3scale backend simulator (xcflushd.sim)."""
+"""Tests of the 3scale backend simulator (xcflushd_sim)."""

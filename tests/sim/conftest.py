@@ -3,7 +3,7 @@
 import pytest
 import requests
 
-from xcflushd.sim.server import Simulator
+from xcflushd_sim.server import Simulator
 
 from .helpers import NOW, spec_config
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from xcflushd.sim.cli import main
+from xcflushd_sim.cli import main
 
 from .helpers import spec_config
 

@@ -10,8 +10,8 @@ import pytest
 import requests
 from defusedxml import EntitiesForbidden
 
-from xcflushd.sim.faults import KINDS
-from xcflushd.sim.server import Simulator
+from xcflushd_sim.faults import KINDS
+from xcflushd_sim.server import Simulator
 
 from .helpers import NOW, XML_TYPE, spec_config
 

@@ -8,8 +8,8 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from xcflushd.sim.model import demo_config
-from xcflushd.sim.server import Simulator
+from xcflushd_sim.model import demo_config
+from xcflushd_sim.server import Simulator
 
 from .helpers import XML_TYPE, auth, report, spec_config
 

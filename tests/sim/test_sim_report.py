@@ -5,7 +5,7 @@ import time
 import defusedxml.ElementTree as ET
 import pytest
 
-from xcflushd.sim.server import Simulator
+from xcflushd_sim.server import Simulator
 
 from .helpers import NOW, XML_TYPE, auth, report, spec_config
 

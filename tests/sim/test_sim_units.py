@@ -4,11 +4,11 @@ import calendar
 
 import pytest
 
-from xcflushd.sim.config import ConfigError, demo_config
-from xcflushd.sim.errors import SimError
-from xcflushd.sim.model import Backend
-from xcflushd.sim.params import flag, no_body, parse_nested, parse_options_header
-from xcflushd.sim.periods import compute_bounds, format_time, parse_timestamp
+from xcflushd_sim.config import ConfigError, demo_config
+from xcflushd_sim.errors import SimError
+from xcflushd_sim.model import Backend
+from xcflushd_sim.params import flag, no_body, parse_nested, parse_options_header
+from xcflushd_sim.periods import compute_bounds, format_time, parse_timestamp
 
 from .helpers import spec_config
 

@@ -45,7 +45,8 @@ RestartSec=1s
 @pytest.fixture(scope="module")
 def node(lab_root, tmp_path_factory):
     wheels = build_wheels(REPO, tmp_path_factory.mktemp("wheels"), root=lab_root)
-    with nspawn.Node(lab_root, binds_ro=[f"{wheels}:/wheels"]) as node:
+    # The simulator is no part of the release: it runs from its source (it needs only the stdlib).
+    with nspawn.Node(lab_root, binds_ro=[f"{wheels}:/wheels", f"{REPO / 'sim'}:/sim"]) as node:
         node.run(["sh", "-c", VENV_INSTALL, "-", "/opt/xcflushd"], timeout=300)
         systemd = REPO / "systemd"
         node.put_tree({
@@ -58,9 +59,8 @@ def node(lab_root, tmp_path_factory):
         node.run(["systemd-tmpfiles", "--create", "xcflushd.conf"])
         node.write("/etc/xcflushd/xcflushd.conf", CONFIG)
         node.write("/etc/credstore/xcflushd.provider_key", "pk-demo\n", mode=0o600)
-        node.run(["systemd-run", "--unit=backend-sim", "--property=Type=exec",
-                  "/opt/xcflushd/bin/xcflushd-backend-sim", "--listen", f"127.0.0.1:{SIM_PORT}",
-                  "--demo-apps", "4"])
+        node.run(["systemd-run", "--unit=backend-sim", "--property=Type=exec", "--setenv=PYTHONPATH=/sim",
+                  PY, "-m", "xcflushd_sim.cli", "--listen", f"127.0.0.1:{SIM_PORT}", "--demo-apps", "4"])
         node.systemctl("daemon-reload")
         wait_until(lambda: sim_state(node, check=False), 20, "the backend simulator")
         yield node
@@ -113,9 +113,11 @@ def test_a_fresh_start_blocks_until_ready_then_status_shows_the_flush_line(node)
     assert props(node, "ActiveState")["ActiveState"] == "active"
     # usage cached by "the gateway" is reported within a cycle or two
     node.run([PY, "-c", textwrap.dedent("""
+        import sys
+        sys.path.insert(0, "/sim")  # the simulator's source, bound read-only
         import redis
         from xcflushd.keys import Credentials
-        from xcflushd.sim.gateway import Gateway
+        from xcflushd_sim.gateway import Gateway
         creds = Credentials({"app_id": "app-0", "app_key": "key-0"})
         Gateway(redis.Redis(host="localhost")).cache_report("1001", creds, "hits", 5)
     """)])

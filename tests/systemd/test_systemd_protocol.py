@@ -67,7 +67,7 @@ def test_status_tracks_flush_cycles_and_a_backend_outage_does_not_starve_the_wat
     import redis
 
     from xcflushd.keys import Credentials
-    from xcflushd.sim.gateway import Gateway
+    from xcflushd_sim.gateway import Gateway
 
     client = redis.Redis(port=redis_up.port, decode_responses=True)
     Gateway(client).cache_report("1001", Credentials({"app_id": "app-0", "app_key": "key-0"}), "hits", 3)

@@ -20,7 +20,8 @@ import time
 
 import redis
 
-from ..keys import Credentials
+from xcflushd.keys import Credentials
+
 from .config import demo_config
 from .gateway import Gateway
 from .server import Simulator

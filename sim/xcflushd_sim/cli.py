@@ -4,7 +4,7 @@
                          [--latency-ms N] [--fault-rate R] [--fault-kinds a,b]
                          [--fault-seed N] [--fault-timeout-s S] [--log-level LEVEL]
 
-Without ``--config`` it serves :func:`~xcflushd.sim.config.demo_config` (provider key
+Without ``--config`` it serves :func:`~xcflushd_sim.config.demo_config` (provider key
 ``pk-demo``). Once listening it prints one line, ``xcflushd-backend-sim listening on URL``.
 SIGTERM or SIGINT stop it cleanly (exit 0). Bad flags or config: one line on stderr, exit 2.
 """

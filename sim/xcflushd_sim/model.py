@@ -188,7 +188,7 @@ class Backend:
             return copy.deepcopy(self._cfg.source)
 
     def set_faults(self, faults: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-        """Replace the fault config (see :mod:`xcflushd.sim.faults`); returns it normalised."""
+        """Replace the fault config (see :mod:`xcflushd_sim.faults`); returns it normalised."""
         return self.faults.configure(faults)
 
     # --- state for assertions -----------------------------------------------------------

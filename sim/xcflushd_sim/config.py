@@ -1,4 +1,4 @@
-"""Validates a simulator config (format: see :mod:`xcflushd.sim.model`) into lookup tables.
+"""Validates a simulator config (format: see :mod:`xcflushd_sim.model`) into lookup tables.
 
 The JSON-able dict is compiled once into immutable-by-convention objects with every index a
 request needs (user_key -> app, token -> app, metric ancestors, plan limits in output order),

@@ -443,7 +443,7 @@ class Simulator:
     """A 3scale backend on a local port, served from a background thread.
 
     ``latency`` (seconds) delays every 3scale call; ``faults`` is a fault config
-    (:mod:`xcflushd.sim.faults`); ``clock`` (POSIX seconds) fixes the backend's time for
+    (:mod:`xcflushd_sim.faults`); ``clock`` (POSIX seconds) fixes the backend's time for
     exact period boundaries in tests. ``backend`` is the thread-safe :class:`Backend`.
     ``tls`` (a server-side ``ssl.SSLContext``) serves HTTPS instead of HTTP.
     """

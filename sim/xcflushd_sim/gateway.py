@@ -15,8 +15,8 @@ from typing import Dict, Optional, Tuple
 
 import redis
 
-from ..defaults import AUTH_REQUESTS_CHANNEL, REPORT_KEYS_SET
-from ..keys import AUTHORIZED, Credentials, auth_key, auth_request_message, report_key
+from xcflushd.defaults import AUTH_REQUESTS_CHANNEL, REPORT_KEYS_SET
+from xcflushd.keys import AUTHORIZED, Credentials, auth_key, auth_request_message, report_key
 
 Usage = Dict[Tuple[str, str, str], int]  # (service_id, report key, metric) -> hits
 
