@@ -46,4 +46,5 @@ AUTH_RESPONSES_CHANNEL_PREFIX = "xc_channel_auth_response:"
 DEAD_LETTER_HASH = "xcflushd:dead_letter"
 FAILURES_HASH = "xcflushd:report_failures"
 LEASE_PREFIX = "xcflushd:lease:"
+HEARTBEAT_PREFIX = "xcflushd:daemon:"   # + a daemon's id: its heartbeat record (heartbeat.py)
 QUARANTINE_PREFIX = "xcflushd:quarantine:"

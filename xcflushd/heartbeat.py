@@ -15,8 +15,10 @@ last_cycle`` where ``last_cycle`` is null until the first cycle ends, then
 dead_lettered, authorized, auth_failures, error, backend_error}``; times are
 unix seconds, ``result`` is ok, partial or failed (``cycle_result``).
 
-Redis I/O goes through the client passed in; writing never raises (a beat
-that cannot be written is retried at the next interval).
+The key prefix is in defaults.py and reading every record is storage.read_heartbeats,
+so this module imports storage, never the other way round. Redis I/O goes through the
+client passed in; writing never raises (a beat that cannot be written is retried at the
+next interval).
 """
 
 import json
@@ -26,14 +28,15 @@ import secrets
 import socket
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from . import __version__, metrics
+from .defaults import HEARTBEAT_PREFIX as PREFIX
 from .errors import StorageFull
+from .storage import Storage
 
 log = logging.getLogger(__name__)
 
-PREFIX = "xcflushd:daemon:"
 INTERVAL = 5.0   # seconds between beats
 TTL = 15         # a record outlives its daemon by at most this
 
@@ -98,8 +101,6 @@ class Heartbeat:
             text = json.dumps(self.record, separators=(",", ":"))
         try:
             if self._storage is None:
-                from .storage import Storage  # here, not at the top: storage reads PREFIX from this module
-
                 self._storage = Storage(self.redis)
             # Written even when Redis is at maxmemory (Redis 7): other daemons
             # adopt the hand-over keys of a daemon whose record is gone.
@@ -124,25 +125,6 @@ class Heartbeat:
         while not self.stop.is_set():
             self.beat()
             self.stop.wait(self.interval)
-
-
-def read_all(client) -> List[Dict[str, Any]]:
-    """Every live daemon's record, oldest first; unreadable ones are skipped."""
-    keys = sorted(client.scan_iter(match=PREFIX + "*", count=1000))
-    if not keys:
-        return []
-    records = []
-    for key, text in zip(keys, client.mget(keys)):
-        if text is None:
-            continue  # expired between SCAN and MGET
-        try:
-            record = json.loads(text)
-        except ValueError:
-            log.warning("unreadable heartbeat %s skipped", key)
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return sorted(records, key=lambda rec: rec.get("started_at") or 0)
 
 
 def alive_ids(client) -> set:

@@ -33,11 +33,11 @@ try:
 except ImportError:  # redis-py works without it, more slowly
     hiredis = None
 
-from . import heartbeat
 from .defaults import (
     DEAD_LETTER_HASH,
     FAILURES_HASH,
     FLUSHING_PREFIX,
+    HEARTBEAT_PREFIX,
     LEASE_PREFIX,
     QUARANTINE_PREFIX,
     REDIS_CHUNK,
@@ -394,7 +394,7 @@ class Storage:
         ids = [c for c in by_cycle if c is not None and c != current.id]
         owners = dict(zip(ids, self.redis.mget([LEASE_PREFIX + c for c in ids]))) if ids else {}
         daemons = sorted({o for o in owners.values() if o and not o.startswith("flush:") and o.count(":") >= 2})
-        beating = dict(zip(daemons, self.redis.mget([heartbeat.PREFIX + d for d in daemons]))) if daemons else {}
+        beating = dict(zip(daemons, self.redis.mget([HEARTBEAT_PREFIX + d for d in daemons]))) if daemons else {}
         alive = {current.id}
         for cycle_id, owner in owners.items():
             if owner is None or owner == current.owner:
@@ -612,5 +612,19 @@ def read_backlog(client: redis.Redis) -> Backlog:
 
 @_storage_errors
 def read_heartbeats(client: redis.Redis) -> list:
-    """Every live daemon's heartbeat record (see heartbeat.py)."""
-    return heartbeat.read_all(client)
+    """Every live daemon's heartbeat record (see heartbeat.py), oldest first; unreadable ones are skipped."""
+    keys = sorted(client.scan_iter(match=HEARTBEAT_PREFIX + "*", count=1000))
+    if not keys:
+        return []
+    records = []
+    for key, text in zip(keys, client.mget(keys)):
+        if text is None:
+            continue  # expired between SCAN and MGET
+        try:
+            record = json.loads(text)
+        except ValueError:
+            log.warning("unreadable heartbeat %s skipped", key)
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return sorted(records, key=lambda rec: rec.get("started_at") or 0)
