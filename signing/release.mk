@@ -105,7 +105,7 @@ REPO_URL ?= $(shell git rev-parse --show-toplevel 2>/dev/null)
 REPRODUCE_IMAGE ?= $(if $(wildcard $(RELEASE_DIR)/$(IMAGE_NAME).manifest),1,0)
 
 .PHONY: info dist sums wheelhouse image sign sign-dist sign-image verify verify-dist verify-image \
-	release-tools release-key-fingerprints clean-image-cache reproduce
+	release-tools signing-tools release-key-fingerprints clean-image-cache reproduce
 
 info:
 	@printf '%s\n' "The following variables _can_ be modified (make VAR=value ...):" "" \
@@ -130,8 +130,18 @@ info:
 	  "* REF = $(REF)" "* RELEASE_DIR = $(RELEASE_DIR)" "* REPO_URL = $(REPO_URL)" \
 	  "* REPRODUCE_IMAGE = $(REPRODUCE_IMAGE)"
 
+# What the signing tool needs (signing/requirements.txt), without the test tools: `make verify`
+# on a fresh clone installs only this. Not the project itself: a rebuild in a clone (make
+# reproduce) runs with this venv, and an editable install from there would point it at the clone.
+$(VENV)/.signing: signing/requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r signing/requirements.txt
+	touch $@
+
+signing-tools: $(VENV)/.signing
+
 # `build` runs without isolation on the venv's setuptools, so no build backend is fetched per run.
-release-tools: install
+release-tools: signing-tools
 	@$(PY) -c 'import build, wheel' 2>/dev/null || $(PY) -m pip install -q build wheel 'setuptools>=61'
 
 dist: release-tools
@@ -155,57 +165,58 @@ dist: release-tools
 	    --outdir "$$(cd $(DIST_DIR) && pwd)" "$$src" >/dev/null
 	$(SIGNING_TOOL) normalize --epoch $(SOURCE_DATE_EPOCH) $(SDIST)
 	install -m 0644 systemd/xcflushd.service systemd/xcflushd.sysusers systemd/xcflushd.tmpfiles $(DIST_DIR)/
-	@$(MAKE) --no-print-directory -o $(VENV)/.installed sums
+	@$(MAKE) --no-print-directory -o $(VENV)/.installed -o $(VENV)/.signing sums
 
 # A new make: ARTIFACTS must see the files the recipe before it wrote. The sub-makes get
-# -o .installed: the caller made `install` already, and make does not pass -o down (a
+# -o for the venv's stamps: the caller made them already, and make does not pass -o down (a
 # rebuild in a clone, run with -o, reinstalled the caller's venv from the clone).
-sums: install
+sums: signing-tools
 	$(SIGNING_TOOL) sums --out $(SUMS) $(ARTIFACTS)
 	@cat $(SUMS)
 
 # The wheels the release's wheel depends on (built here when the index has only an sdist), for the nodes' `pip install
 # --require-hashes` (the Ansible role builds its lock from SHA256SUMS). Run after dist,
 # before sign. They are upstream files: `make reproduce` does not rebuild them.
-wheelhouse: install
+wheelhouse: signing-tools
 	@test -f $(WHEEL) || { echo "no $(WHEEL): run make dist first" >&2; exit 1; }
 	$(PY) -m pip wheel -q --prefer-binary --wheel-dir $(DIST_DIR) $(WHEEL)
-	@$(MAKE) --no-print-directory -o $(VENV)/.installed sums
+	@$(MAKE) --no-print-directory -o $(VENV)/.installed -o $(VENV)/.signing sums
 
 image: deps dist
 	$(SIGNING_TOOL) image --wheel $(WHEEL) --version $(VERSION) --image-dir $(IMAGE_DIR) \
 	  --tag $(IMAGE_TAG) --manifest $(MANIFEST) --cache-dir $(IMAGE_CACHE) --epoch $(SOURCE_DATE_EPOCH) \
 	  $(if $(SUITE),--suite $(SUITE)) $(if $(MIRROR),--mirror $(MIRROR)) $(if $(BASE_DIGEST),--base-digest $(BASE_DIGEST))
 
-sign: install
+sign: signing-tools
 	$(SIGNING_TOOL) sign --key-id $(KEY_ID) $(SIGN_KEY_SOURCE) $(SUMS_ARGS) $(IMAGE_ARGS) $(PUBLISH_ARGS)
 
-sign-dist: install
+sign-dist: signing-tools
 	$(SIGNING_TOOL) sign --key-id $(KEY_ID) $(SIGN_KEY_SOURCE) $(SUMS_ARGS)
 
-sign-image: install
+sign-image: signing-tools
 	$(SIGNING_TOOL) sign --key-id $(KEY_ID) $(SIGN_KEY_SOURCE) $(IMAGE_ARGS) $(PUBLISH_ARGS)
 
-verify: install
+verify: signing-tools
 	@$(SIGNING_TOOL) verify --key-id $(KEY_ID) $(VERIFY_KEY_SOURCE) $(SUMS_ARGS) $(IMAGE_ARGS)
 
-verify-dist: install
+verify-dist: signing-tools
 	@$(SIGNING_TOOL) verify --key-id $(KEY_ID) $(VERIFY_KEY_SOURCE) $(SUMS_ARGS)
 
-verify-image: install
+verify-image: signing-tools
 	@$(SIGNING_TOOL) verify --key-id $(KEY_ID) $(VERIFY_KEY_SOURCE) $(IMAGE_ARGS)
 
 # The rebuild uses this checkout's venv for its build tools (-o: never reinstalled there).
-reproduce: install
-	@$(MAKE) --no-print-directory -o $(VENV)/.installed $(if $(filter 1,$(REPRODUCE_IMAGE)),verify,verify-dist) DIST_DIR=$(RELEASE_DIR)
+reproduce: signing-tools
+	@$(MAKE) --no-print-directory -o $(VENV)/.installed -o $(VENV)/.signing $(if $(filter 1,$(REPRODUCE_IMAGE)),verify,verify-dist) DIST_DIR=$(RELEASE_DIR)
 	@$(SIGNING_TOOL) reproduce --repo "$(REPO_URL)" --ref "$(REF)" --release-dir $(RELEASE_DIR) \
 	  --sums $(notdir $(SUMS)) --image-name $(IMAGE_NAME) --image-tag $(IMAGE_TAG) --image $(REPRODUCE_IMAGE) \
 	  --make-var VENV=$(abspath $(VENV)) --make-var PY=$(abspath $(PY)) --make-var=--old-file=$(abspath $(VENV))/.installed \
+	  --make-var=--old-file=$(abspath $(VENV))/.signing \
 	  --make-var REL=$(REL) --make-var IMAGE_CACHE=$(IMAGE_CACHE) \
 	  $(if $(SUITE),--make-var SUITE=$(SUITE)) $(if $(MIRROR),--make-var MIRROR=$(MIRROR))
 
 # Every fingerprint (primary, then subkeys) of the pinned key in KEY_FILE: what skopeo wants.
-release-key-fingerprints: install
+release-key-fingerprints: signing-tools
 	@$(SIGNING_TOOL) fingerprints --key-id $(KEY_ID) --key-file $(KEY_FILE)
 
 clean-image-cache:
