@@ -78,7 +78,7 @@ IMAGE_KEY_ID := $(or $(strip $(shell sed -e '/^[[:space:]]*\#/d' -e '/^[[:space:
 endif
 IMAGE_KEY_FILE ?= signing/$(IMAGE_KEY_ID).asc
 IMAGE_SECRET_KEY_FILE ?= $(if $(filter $(IMAGE_KEY_ID),$(KEY_ID)),$(SECRET_KEY_FILE),$(wildcard $(IMAGE_KEY_ID).asc))
-# What operators get to check the image with podman/skopeo/CRI-O (see README).
+# What operators get to check the image with podman/skopeo/CRI-O (see docs/releases.md).
 SIGSTORE ?= $(DIST_DIR)/sigstore
 LOOKASIDE_URL ?= https://sigstore.example.invalid/xcflushd
 POLICY ?= $(DIST_DIR)/policy.json

@@ -4,7 +4,7 @@ The families live in prometheus_client's default registry, beside its process
 and Python collectors, so ``/metrics`` shows them all. Recording never raises
 and costs microseconds: the backend engine and the listener call these on
 every request. Names and labels are a contract with the shipped alert rules
-and dashboard (README, "Monitoring").
+and dashboard (docs/operations.md, "Monitoring").
 """
 
 import logging

@@ -183,7 +183,7 @@ def test_a_wrong_provider_key_stops_the_rollout_at_the_first_node(fleet, release
     assert service(gw1)["ActiveState"] == "active"
     assert gw1.run(["cat", "/etc/credstore/xcflushd.provider_key"]).stdout == "pk-wrong\n"
     assert [(service(n)["MainPID"], ssh_logins(n)) for n in (gw2, gw3)] == before
-    assert fleet.clear_staging() == 1  # a stopped rollout keeps its staging copy (README)
+    assert fleet.clear_staging() == 1  # a stopped rollout keeps its staging copy (docs/deployment.md)
 
 
 def running_frequency(node) -> float:
