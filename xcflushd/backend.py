@@ -301,6 +301,9 @@ class BackendClient:
     def __init__(self, transport: Engine, service_credentials: ServiceCredentials):
         self.transport = transport
         self.service_credentials = service_credentials
+        # Called with every call's outcome (answer, None or error), on the thread that reads it:
+        # the daemon's outage tracker. Must not raise.
+        self.observer: Optional[Callable[[Any], None]] = None
 
     # ---- requests and outcomes ------------------------------------------------
 
@@ -352,6 +355,8 @@ class BackendClient:
                     outcome = parse_status(outcome)
                 except BackendError as exc:
                     outcome = exc
+            if self.observer is not None:
+                self.observer(outcome)
             done(outcome)
 
         return self.transport.submit_priority(self._authorize_request(service_id, creds), finished)
@@ -387,13 +392,14 @@ class BackendClient:
         for tag, resp in self.transport.request_many(requests(), concurrency, max_weight, on_idle):
             while unbuildable:
                 yield unbuildable.pop()
-            if isinstance(resp, BackendError):
-                yield tag, resp
-                continue
-            try:
-                yield tag, outcome(resp)
-            except BackendError as exc:
-                yield tag, exc
+            if not isinstance(resp, BackendError):
+                try:
+                    resp = outcome(resp)
+                except BackendError as exc:
+                    resp = exc
+            if self.observer is not None:
+                self.observer(resp)
+            yield tag, resp
         while unbuildable:
             yield unbuildable.pop()
 

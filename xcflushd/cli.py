@@ -107,6 +107,13 @@ def build_parser(config_files: Optional[List[str]] = None) -> configargparse.Arg
     p.add_argument("--backend-read-timeout", default=defaults.BACKEND_READ_TIMEOUT, help="seconds")
     p.add_argument("--max-term-wait", default=defaults.MAX_TERM_WAIT,
                    help="seconds a graceful stop may take before in-flight usage is left in Redis")
+    p.add_argument("--backend-outage", default="strict", metavar="MODE",
+                   help="while the backend cannot be reached: strict (cached authorizations expire as usual), "
+                        "resilient (they are kept, up to --max-stale), allow (resilient, and the gateway's new "
+                        "applications are allowed unless cached as denied: fails open)")
+    p.add_argument("--max-stale", default=defaults.MAX_STALE, metavar="SECONDS",
+                   help="resilient, allow: how long after the backend last answered cached authorizations are "
+                        "still served")
     p.add_argument("--log-level", default="info", help="debug, info, warning or error")
     p.add_argument("--metrics-listen", default=defaults.METRICS_LISTEN, metavar="HOST:PORT",
                    help="run: serve Prometheus /metrics here ([IPv6]:PORT for IPv6); empty disables it")
@@ -174,9 +181,10 @@ def describe(settings) -> str:
     proxy = f", backend proxy {redact_url(settings.backend_proxy)}" if settings.backend_proxy else ""
     if settings.backend_proxy and settings.backend_proxy_user:
         proxy += " (with a user name)"
+    stale = f" (max-stale {settings.max_stale}s)" if settings.backend_outage != "strict" else ""
     return (f"redis {settings.redis_display}, backend {settings.backend_url}{proxy}, "
             f"frequency {settings.frequency}s, auth-ttl {settings.auth_ttl}s, "
-            f"credentials: {', '.join(credentials)}")
+            f"backend-outage {settings.backend_outage}{stale}, credentials: {', '.join(credentials)}")
 
 
 def setup_logging(level: str) -> None:

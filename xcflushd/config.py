@@ -19,6 +19,7 @@ from .errors import ConfigError
 CREDENTIAL_FILES = {"provider_key": "provider_key", "service_tokens": "service_tokens",
                     "redis_password": "redis_password", "backend_proxy_password": "backend_proxy_password"}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+OUTAGE_MODES = defaults.OUTAGE_MODES  # --backend-outage; xcflushd/outage.py says what each does
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,8 @@ class Settings:
     read_timeout: float
     max_term_wait: float
     log_level: str
+    backend_outage: str = "strict"               # outage.MODES
+    max_stale: int = defaults.MAX_STALE
     metrics_listen: Optional[Tuple[str, int]] = None  # (host, port); None: no /metrics
     backend_proxy: Optional[str] = None          # scheme://host:port, no credentials
     backend_proxy_user: Optional[str] = None
@@ -290,6 +293,14 @@ def build_settings(options, environ: Mapping[str, str] = os.environ) -> Settings
     if batch > defaults.REPORT_BATCH_SIZE:
         raise ConfigError(f"--report-batch-size: the backend takes at most {defaults.REPORT_BATCH_SIZE} "
                           f"transactions per call, got {batch}")
+    outage = str(options.backend_outage).strip().lower()
+    if outage not in OUTAGE_MODES:
+        raise ConfigError(f"--backend-outage: expected one of {', '.join(OUTAGE_MODES)}, "
+                          f"got {options.backend_outage!r}")
+    max_stale = _positive("max-stale", options.max_stale)
+    if outage != "strict" and max_stale <= auth_ttl:
+        raise ConfigError(f"--max-stale ({max_stale}) must exceed --auth-ttl ({auth_ttl}) with --backend-outage "
+                          f"{outage}: cached authorizations would expire before it")
     level = str(options.log_level).upper()
     if level not in LOG_LEVELS:
         raise ConfigError(f"--log-level: expected one of {', '.join(LOG_LEVELS)}, got {options.log_level!r}")
@@ -312,6 +323,8 @@ def build_settings(options, environ: Mapping[str, str] = os.environ) -> Settings
         read_timeout=_positive("backend-read-timeout", options.backend_read_timeout, integer=False),
         max_term_wait=_positive("max-term-wait", options.max_term_wait, integer=False),
         log_level=level,
+        backend_outage=outage,
+        max_stale=max_stale,
         metrics_listen=parse_listen(options.metrics_listen),
         backend_proxy=proxy.url,
         backend_proxy_user=proxy.user,

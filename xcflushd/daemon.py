@@ -24,6 +24,7 @@ from .errors import ConfigError
 from .flusher import Flusher, FlushResult, FlushSettings
 from .heartbeat import Heartbeat, cycle_result
 from .notify import Notifier
+from .outage import OutageTracker
 from .renewer import PriorityRenewer
 from .scheduler import Scheduler
 from .storage import Storage, connect
@@ -48,9 +49,12 @@ class Daemon:
                                   priority_concurrency=s.prio_threads, priority_queue=defaults.PRIO_QUEUE,
                                   max_connections=s.threads + s.prio_threads + 8)
         self.heartbeat = Heartbeat(self.redis, s.frequency, self.stop)
+        self.outage = OutageTracker(s.backend_outage, s.max_stale)
+        self.backend.observer = self.outage.observe
+        self.heartbeat.record["outage"] = self.outage.snapshot()
         self.flusher = Flusher(self.storage, self.backend, FlushSettings(
             auth_ttl=s.auth_ttl, report_auth_wait=s.report_auth_wait, batch_size=s.report_batch_size,
-            concurrency=s.threads), self.stop, owner=self.heartbeat.id)
+            concurrency=s.threads), self.stop, owner=self.heartbeat.id, outage=self.outage)
         self.backlog = exporter.BacklogWatch(self.redis, self.stop, defaults.BACKLOG_INTERVAL)
         self.metrics_server = None
 
@@ -80,10 +84,13 @@ class Daemon:
         # every thread's stack in the journal to say where it hung.
         faulthandler.enable()
         self._serve_metrics()
-        log.info("xcflushd %s starting: redis=%s backend=%s frequency=%ss auth_ttl=%ss threads=%d prio_threads=%d",
-                 __version__, s.redis_display, s.backend_url, s.frequency, s.auth_ttl, s.threads, s.prio_threads)
+        log.info("xcflushd %s starting: redis=%s backend=%s frequency=%ss auth_ttl=%ss threads=%d prio_threads=%d "
+                 "backend_outage=%s%s", __version__, s.redis_display, s.backend_url, s.frequency, s.auth_ttl,
+                 s.threads, s.prio_threads, s.backend_outage,
+                 f" max_stale={s.max_stale}s" if s.backend_outage != "strict" else "")
         self.backend.transport.start()
-        self.renewer = PriorityRenewer(self.redis, self.storage, self.backend, s.auth_ttl, self.stop).start()
+        self.renewer = PriorityRenewer(self.redis, self.storage, self.backend, s.auth_ttl, self.stop,
+                                       outage=self.outage).start()
         # Leftovers of dead cycles are looked for at least every cycle when cycles are frequent,
         # so they are adopted within about two cycles.
         self.scheduler = Scheduler(self.flusher.flush_once, s.frequency, self.stop,
@@ -149,6 +156,7 @@ class Daemon:
     def _on_result(self, result: FlushResult) -> None:
         self.last_result = result
         self._log_result(result)
+        self.heartbeat.record["outage"] = self.outage.snapshot()
         self.heartbeat.cycle_ended(result)
         metrics.flush_cycle(cycle_result(result), result.phases, result.hits, result.finished_at,
                             delivered_all=result.ok)
@@ -163,6 +171,13 @@ class Daemon:
                 f"{r.failed + r.dead_lettered} failed, {r.duration:.1f}s")
         if r.error:
             text += f" (cycle error: {r.error[:80]})"
+        o = self.outage
+        if o.in_outage:
+            text += (f"; BACKEND OUTAGE since {_clock(o.started_at)}, " + (
+                f"serving {o.kept} stale authorization(s) until {_clock(o.stale_until)}"
+                if o.kept else "cached authorizations expire as usual" if o.mode == "strict"
+                else "past --max-stale, stale authorizations expire") + (
+                f", {o.allowed} request(s) allowed" if o.allowed else ""))
         return text + f"; next flush {_clock(self.scheduler.next_run)}"
 
     def _log_result(self, result: FlushResult) -> None:

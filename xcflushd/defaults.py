@@ -17,6 +17,14 @@ PRIO_THREADS = 128
 PRIO_QUEUE = 10000              # priority requests waiting for a slot; beyond: dropped, logged, counted
 BACKEND_CONNECT_TIMEOUT = 5
 BACKEND_READ_TIMEOUT = 10
+OUTAGE_MODES = ("strict", "resilient", "allow")  # --backend-outage; the first is the default
+# How long after the backend last answered cached authorizations are kept alive through an outage
+# (--backend-outage resilient or allow): four default auth TTLs. A revoked key or a suspended
+# application takes effect at most this late; past it, the gateway denies what is not cached.
+MAX_STALE = 3600
+# Lifetime of a "1" answered without the backend (--backend-outage allow), or the auth TTL if shorter:
+# the gateway asks again soon, so the backend's own answer replaces it soon after it is back.
+ALLOW_TTL = 60
 MAX_TERM_WAIT = 30              # graceful stop budget after SIGTERM
 METRICS_LISTEN = "127.0.0.1:9422"  # /metrics; 9421 is APIcast's on the same node
 BACKLOG_INTERVAL = 30           # seconds between counts of what waits in Redis, for the metrics

@@ -23,6 +23,7 @@ from .authorizer import authorizations
 from .backend import BackendClient
 from .errors import BackendError, BackendRejected, MalformedKey, StorageFull, StorageUnavailable
 from .keys import auth_key, denial_reason, iter_chunks, parse_report_key, redact_key
+from .outage import OutageTracker
 from .storage import Cycle, HandOver, Report, Storage
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class FlushResult:
         self.auth_failures = 0
         self.not_cached = 0       # authorizations the backend gave that Redis did not take (full, or away)
         self.held = 0             # outcomes kept in memory while Redis was away, written when it came back
+        self.kept_alive = 0       # cached authorizations held alive through a backend outage
         self.phases: Dict[str, float] = {}
         self.error: Optional[str] = None
         self.backend_error: Optional[str] = None  # the first backend or authorization failure, one line
@@ -103,6 +105,7 @@ class FlushResult:
                 f"authorized={self.authorized} auth_failures={self.auth_failures} "
                 + (f"not_cached={self.not_cached} " if self.not_cached else "")
                 + (f"held_while_redis_away={self.held} " if self.held else "")
+                + (f"kept_alive_in_outage={self.kept_alive} " if self.kept_alive else "")
                 + f"{phases} total={self.duration * 1000:.0f}ms(excl. wait)")
         return text + (f" error={self.error}" if self.error else "")
 
@@ -119,12 +122,13 @@ class Flusher:
 
     def __init__(self, storage: Storage, backend: BackendClient,
                  settings: Optional[FlushSettings] = None, stop: Optional[threading.Event] = None,
-                 owner: str = ""):
+                 owner: str = "", outage: Optional[OutageTracker] = None):
         self.storage = storage
         self.backend = backend
         self.settings = settings or FlushSettings()
         self.stop = stop or threading.Event()
         self.owner = owner
+        self.outage = outage  # None: strict, no outage bookkeeping (a one-shot flush)
         self.last_progress = time.monotonic()  # moves while a cycle works; for the watchdog
         self.held: List[Tuple[str, tuple]] = []  # outcomes not yet written: (what, arguments)
         self._redis_lost: Optional[str] = None
@@ -157,6 +161,8 @@ class Flusher:
                     self._authorize_all(to_authorize, result)
         except Exception as exc:  # one bad cycle must not kill the scheduler
             result.error = f"{type(exc).__name__}: {exc}"
+        if self.outage is not None:
+            self._through_outage(result)
         if self.held:
             log.error("stopping with %d outcome(s) of backend calls not written to Redis: the usage of %d "
                       "delivered report(s) stays there and will be reported again",
@@ -241,6 +247,21 @@ class Flusher:
                 log.warning("Redis still away (%s); %d outcome(s) held", exc, len(self.held))
             if self.stop.wait(1.0):
                 last_try = True  # stopping: one more try, then give up (flush_once says so)
+
+    # ---- backend outage ------------------------------------------------------
+
+    def _through_outage(self, result: FlushResult) -> None:
+        """After each cycle: settle the outage state; while it lasts (resilient, allow), hold every
+        cached authorization alive. Runs every --frequency <= --auth-ttl, so none expires between two."""
+        self.outage.settle()
+        ttl = self.outage.keep_alive_ttl(self.settings.auth_ttl)
+        if ttl:
+            try:
+                result.kept_alive = self.storage.keep_alive(ttl, self.outage.not_kept_alive())
+            except StorageUnavailable as exc:
+                log.warning("backend outage: cached authorizations not kept alive this cycle: %s", exc)
+                return
+        self.outage.kept_alive(result.kept_alive)
 
     # ---- report phase --------------------------------------------------------
 

@@ -14,6 +14,9 @@ last_cycle`` where ``last_cycle`` is null until the first cycle ends, then
 ``{started_at, finished_at, result, reports, delivered, failed,
 dead_lettered, authorized, auth_failures, error, backend_error}``; times are
 unix seconds, ``result`` is ok, partial or failed (``cycle_result``).
+The daemon adds ``metrics`` (its /metrics URL) and ``outage`` (its
+OutageTracker's snapshot: ``mode, max_stale, in_outage, started_at,
+last_answer, stale_until, kept, allowed``).
 
 The key prefix is in defaults.py and reading every record is storage.read_heartbeats,
 so this module imports storage, never the other way round. Redis I/O goes through the

@@ -53,6 +53,15 @@ redis_up_gauge = Gauge("xcflushd_redis_up", "1 if the last Redis command got an 
 backend_up_gauge = Gauge("xcflushd_backend_up", "1 if the last backend call got a well-framed answer below 500")
 flush_frequency_gauge = Gauge("xcflushd_flush_frequency_seconds",
                               "Configured seconds between flush cycles (--frequency): alerts measure staleness in it")
+backend_outage_gauge = Gauge("xcflushd_backend_outage", "1 while the backend is in an outage (no well-framed "
+                             "answer, 5xx or 429 since the last cycle it answered every call), else 0")
+backend_last_answer = Gauge("xcflushd_backend_last_answer_timestamp_seconds",
+                            "When the backend last gave a well-framed answer (a 2xx, or a 4xx other than 429)")
+authorizations_kept_gauge = Gauge("xcflushd_authorizations_kept_alive",
+                                  "Cached authorizations whose TTL the last flush cycle renewed without the "
+                                  "backend (--backend-outage resilient or allow, during an outage)")
+outage_allowed_requests = Counter("xcflushd_outage_allowed_requests", "Priority requests answered 1 without "
+                                  "the backend during an outage (--backend-outage allow)")
 build_info = Gauge("xcflushd_build_info", "Always 1; the version in a label", ["version"])
 build_info.labels(__version__).set(1)
 
@@ -131,6 +140,30 @@ def flush_cycle(result: str, phases=None, hits: int = 0, finished_at: Optional[f
             hits_reported.inc(hits)
         if (result == "ok" if delivered_all is None else delivered_all) and finished_at:
             last_flush_success.set(finished_at)
+    except Exception as exc:
+        log.debug("metrics: %s", exc)
+
+
+def backend_outage(outage: bool, last_answer: Optional[float] = None) -> None:
+    backend_outage_gauge.set(1 if outage else 0)
+    if last_answer is not None:
+        backend_last_answer.set(last_answer)
+
+
+def backend_answered(at: float) -> None:
+    try:
+        backend_last_answer.set(at)
+    except Exception as exc:
+        log.debug("metrics: %s", exc)
+
+
+def authorizations_kept(count: int) -> None:
+    authorizations_kept_gauge.set(count)
+
+
+def outage_allowed() -> None:
+    try:
+        outage_allowed_requests.inc()
     except Exception as exc:
         log.debug("metrics: %s", exc)
 

@@ -27,7 +27,8 @@ from .authorizer import authorizations
 from .backend import BackendClient
 from .defaults import AUTH_REQUESTS_CHANNEL
 from .errors import BackendError, MalformedKey, StorageUnavailable
-from .keys import AuthRequest, parse_auth_request
+from .keys import AUTHORIZED, AuthRequest, auth_key, denial_reason, parse_auth_request
+from .outage import OutageTracker
 from .storage import Storage
 
 log = logging.getLogger(__name__)
@@ -61,12 +62,13 @@ ANSWER_BATCH = 256
 
 class PriorityRenewer:
     def __init__(self, client: redis.Redis, storage: Storage, backend: BackendClient,
-                 auth_ttl: int, stop: threading.Event):
+                 auth_ttl: int, stop: threading.Event, outage: Optional[OutageTracker] = None):
         self.redis = client
         self.storage = storage
         self.backend = backend
         self.auth_ttl = auth_ttl
         self.stop = stop
+        self.outage = outage  # --backend-outage allow: requests the backend cannot answer get 1
         self.subscribed = threading.Event()   # set while the requests channel is subscribed
         self.last_beat = time.monotonic()     # the listener loop's heartbeat, for the watchdog
         self.answer_beat = time.monotonic()   # the answerer's
@@ -201,12 +203,17 @@ class PriorityRenewer:
         answers: List[Tuple[str, str]] = []
         answered: List[Tuple[str, float, bool]] = []   # (value, received, joined a call in flight)
         channels = set()
+        allowed: List[Tuple[Tuple, List[Tuple[AuthRequest, float]], int]] = []
         for key, outcome in batch:
             # Answer everyone who asked while the call was in flight; later askers start a new call.
             with self._lock:
                 waiting = self._in_flight.pop(key, [])
             service_id, creds, metric = key
             values = None
+            allow_ttl = self.outage.allow_ttl(outcome, self.auth_ttl) if self.outage is not None else 0
+            if allow_ttl:
+                allowed.append((key, waiting, allow_ttl))
+                continue
             if isinstance(outcome, BackendError):
                 self._failed.warning("priority authorize for service %s %s failed, gateway not answered: %s",
                                      service_id, creds.redacted(), outcome)
@@ -226,6 +233,8 @@ class PriorityRenewer:
                     channels.add(request.response_channel)
                     answers.append((request.response_channel, values[metric]))
                 answered.append((values[metric], received, i > 0))
+        if allowed:
+            self._allow(allowed)
         if not answered:
             return
         try:
@@ -246,3 +255,44 @@ class PriorityRenewer:
         for value, received, joined in answered:
             result = "deduplicated" if joined else ("denied" if value.startswith("0") else "authorized")
             metrics.priority_request(result, now - received)
+
+    def _allow(self, allowed: List[Tuple[Tuple, List[Tuple[AuthRequest, float]], int]]) -> None:
+        """--backend-outage allow: answer requests the backend could not, ``1`` unless the
+        application is cached as denied (a denial other than a limit, which is per metric).
+
+        A ``1`` is cached, with a short TTL, only for an application with no cached hash: a
+        cached hash keeps its values and TTL (the keep-alive holds it).
+        """
+        requests = [request for _, waiting, _ in allowed for request, _ in waiting]
+        keys = sorted({k for r in requests for k in (r.auth_key, auth_key(r.service_id, r.credentials.for_report()))})
+        try:
+            cached = dict(zip(keys, self.storage.cached_authorizations(keys)))
+        except StorageUnavailable as exc:
+            log.warning("could not read cached authorizations for %d priority request(s) during a backend "
+                        "outage, gateway not answered: %s", len(requests), exc)
+            return
+        now = time.monotonic()
+        for _, waiting, ttl in allowed:
+            auths: Dict[str, Dict[str, str]] = {}
+            answers: List[Tuple[str, str]] = []
+            results = []
+            for i, (request, received) in enumerate(waiting):
+                mine = cached[request.auth_key] or cached[auth_key(request.service_id,
+                                                                   request.credentials.for_report())]
+                denial = next((v for v in mine.values() if v.startswith("0")
+                               and denial_reason(v) != "limits_exceeded"), None)
+                value = denial or AUTHORIZED
+                if not mine:
+                    auths.setdefault(request.auth_key, {})[request.metric] = value
+                if all(c != request.response_channel for c, _ in answers):  # one publish per channel
+                    answers.append((request.response_channel, value))
+                results.append(("deduplicated" if i else ("denied" if denial else "authorized"), received))
+                if not denial:
+                    self.outage.allowed_one(request.auth_key)
+            try:
+                self.storage.cache_and_answer(auths, answers, ttl)
+            except StorageUnavailable as exc:
+                log.warning("could not cache or publish %d priority answer(s): %s", len(answers), exc)
+                continue
+            for result, received in results:
+                metrics.priority_request(result, now - received)

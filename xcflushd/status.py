@@ -38,6 +38,9 @@ def collect(client, now: Optional[float] = None) -> Dict[str, Any]:
 
 def _daemon_problems(daemon: Dict[str, Any], now: float) -> List[str]:
     name = f"{daemon.get('host')}:{daemon.get('pid')}"
+    outage = daemon.get("outage") or {}
+    if outage.get("in_outage"):
+        return [f"{name}: backend outage since {_ago(outage.get('started_at'), now)}: {_outage_effect(outage)}"]
     frequency = float(daemon.get("frequency") or 0)
     cycle = daemon.get("last_cycle")
     since = (cycle or {}).get("finished_at") or daemon.get("started_at") or now
@@ -50,16 +53,33 @@ def _daemon_problems(daemon: Dict[str, Any], now: float) -> List[str]:
     return []
 
 
+def _outage_effect(outage: Dict[str, Any]) -> str:
+    if outage.get("kept"):
+        text = (f"serving {outage['kept']} stale authorization(s) (--backend-outage {outage.get('mode')}) "
+                f"until {_at(outage.get('stale_until'))}")
+    elif outage.get("mode") == "strict":
+        text = "cached authorizations expire as usual (--backend-outage strict)"
+    else:
+        text = f"no stale authorization served (--backend-outage {outage.get('mode')})"
+    if outage.get("allowed"):
+        text += f", {outage['allowed']} priority request(s) allowed without the backend"
+    return text
+
+
 def exit_code(document: Dict[str, Any]) -> int:
     if document.get("redis") != "ok":
         return UNREACHABLE
     return HEALTHY if document["healthy"] else DEGRADED
 
 
+def _at(ts: Optional[float]) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ts)) if ts else "-"
+
+
 def _ago(ts: Optional[float], now: float) -> str:
     if not ts:
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ts)) + f" ({now - ts:.0f}s ago)"
+    return _at(ts) + f" ({now - ts:.0f}s ago)"
 
 
 def render(document: Dict[str, Any], redis_display: str, now: Optional[float] = None) -> str:
@@ -74,6 +94,12 @@ def render(document: Dict[str, Any], redis_display: str, now: Optional[float] = 
                          f"up since {_ago(d.get('started_at'), now)}, {d.get('cycles', 0)} cycle(s), "
                          f"every {d.get('frequency')}s")
             lines.append(f"    metrics {d.get('metrics') or 'not served'}")
+            o = d.get("outage")
+            if o:
+                lines.append(f"    backend outage since {_ago(o.get('started_at'), now)}: {_outage_effect(o)}"
+                             if o.get("in_outage") else
+                             f"    backend answering, last answer {_ago(o.get('last_answer'), now)}, "
+                             f"--backend-outage {o.get('mode')}")
             c = d.get("last_cycle")
             if c:
                 lines.append(f"    last cycle {c.get('result')}, ended {_ago(c.get('finished_at'), now)}: "

@@ -303,12 +303,29 @@ end
 return {refused, failure}
 """
 
+# Through a backend outage (--backend-outage resilient or allow): hold each
+# auth hash's TTL at ARGV[1] at least, values untouched. Only lengthens, and
+# never gives a TTL to a key without one nor makes a key: re-sent, it does
+# the same. Returns how many of KEYS are auth hashes still alive.
+_KEEP_ALIVE = """
+local alive = 0
+for _, key in ipairs(KEYS) do
+  local ttl = redis.call('TTL', key)
+  if ttl >= 0 then
+    alive = alive + 1
+    if ttl < tonumber(ARGV[1]) then redis.call('EXPIRE', key, ARGV[1]) end
+  end
+end
+return alive
+"""
+
 
 class Storage:
     def __init__(self, client: redis.Redis, chunk: int = REDIS_CHUNK):
         self.redis = client
         self.chunk = chunk
         self._cache_script = None
+        self._keep_alive_script = None
         self._scripts: Optional[Dict[str, object]] = None
 
     def _script(self, name: str):
@@ -555,6 +572,16 @@ class Storage:
         path), never the cycle.
         """
         return sum(self._cache_and_answer(chunk, (), ttl) for chunk in iter_chunks(items, self.chunk))
+
+    @_storage_errors
+    def keep_alive(self, ttl: int, skip: Iterable[str] = ()) -> int:
+        """Hold every cached authorization (``auth,*``, found with SCAN) but ``skip`` alive for
+        ``ttl`` seconds at least; returns how many there are."""
+        skip = frozenset(skip)
+        if self._keep_alive_script is None:
+            self._keep_alive_script = self.redis.register_script(_KEEP_ALIVE)
+        keys = (k for k in self.redis.scan_iter(match="auth,*", count=1000) if k not in skip)
+        return sum(int(self._keep_alive_script(keys=chunk, args=[ttl])) for chunk in iter_chunks(keys, self.chunk))
 
     @_storage_errors
     def cache_and_answer(self, auths: Dict[str, Dict[str, str]], answers: Sequence[Tuple[str, str]],
