@@ -143,6 +143,8 @@ class Flusher:
         cycle = self._cycle = Cycle.new(self.owner)
         self._redis_lost = None
         clock = _PhaseClock(result)
+        if self.outage is not None:
+            self.outage.begin_cycle()
         try:
             self._take_lease(cycle)
             with clock("handover"):

@@ -11,7 +11,8 @@ timeout, TLS or proxy failure, a body that is not the API's) or a 5xx or 429.
 Any other 4xx is an answer: a revoked key or a deleted application must take
 effect whatever the mode. An outage starts at the first such failure and ends
 at the end of a flush cycle in which the backend answered and no call failed
-that way, so a partial outage (some calls failing) stays one outage.
+that way, so a partial outage (some calls failing) stays one outage. A cycle
+without any call (no traffic) leaves the state as it is.
 
 Staleness counts from the last answer before the outage started: nothing is
 kept alive or allowed later than ``max_stale`` seconds after it, however the
@@ -65,7 +66,7 @@ class OutageTracker:
         self.kept = 0                        # authorizations kept alive by the last keep-alive
         self.allowed = 0                     # priority requests allowed in the current outage
         self.allowed_keys: set = set()       # their auth keys: kept alive by nobody, re-asked when they expire
-        self._answered = self._failed = 0    # since the last settle
+        self._answered = self._failed = 0    # in the current flush cycle
         metrics.backend_outage(False, self.last_answer)
 
     # ---- feeding ---------------------------------------------------------------
@@ -90,8 +91,13 @@ class OutageTracker:
                 self.last_answer = max(self.last_answer, now)
             metrics.backend_answered(now)
 
+    def begin_cycle(self) -> None:
+        """A flush cycle starts: its calls (and the priority calls meanwhile) judge whether the outage is over."""
+        with self._lock:
+            self._answered = self._failed = 0
+
     def settle(self) -> bool:
-        """A flush cycle ended: the outage ends if the backend answered since the last settle and
+        """A flush cycle ended: the outage ends if the backend answered since the cycle began and
         nothing failed. True when it just ended."""
         with self._lock:
             answered, failed = self._answered, self._failed
