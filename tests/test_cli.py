@@ -144,6 +144,10 @@ BAD = [
     (["--redis", "redis://:1"], "--redis: no host"),
     (["--redis-password-file", "/nonexistent/redis-secret"], "--redis-password-file: cannot read"),
     (["--service-tokens-file", "/dev/null"], "is empty"),
+    (["--backend-outage", "open"], "--backend-outage: expected one of strict, resilient, allow, got 'open'"),
+    (["--backend-outage", "resilient", "--max-stale", "0"], "--max-stale: must be > 0"),
+    (["--backend-outage", "allow", "--max-stale", "900"], "--max-stale (900) must exceed --auth-ttl (900)"),
+    (["--max-stale", "1h"], "--max-stale: expected a whole number"),
 ]
 
 
@@ -247,3 +251,19 @@ def test_check_config_without_credentials_fails_like_run(capsys, tmp_path):
     conf.write_text("frequency = 5\n")
     assert main(["check-config", "-c", str(conf)], environ={}) == 2
     assert "no backend credentials" in capsys.readouterr().err
+
+
+def test_backend_outage_from_flag_env_and_file_and_in_check_config(capsys, tmp_path, key_file):
+    assert (settings(["run", "--provider-key-file", key_file]).backend_outage,
+            settings(["run", "--provider-key-file", key_file]).max_stale) == ("strict", 3600)
+    s = settings(["run", "--provider-key-file", key_file], {"XCFLUSHD_BACKEND_OUTAGE": "Allow"})
+    assert s.backend_outage == "allow"
+    conf = tmp_path / "xcflushd.conf"
+    conf.write_text("backend-outage = resilient\nmax-stale = 7200\n")
+    s = settings(["run", "-c", str(conf), "--provider-key-file", key_file])
+    assert (s.backend_outage, s.max_stale) == ("resilient", 7200)
+
+    assert main(["check-config", "-c", str(conf), "--provider-key-file", key_file], environ={}) == 0
+    assert "backend-outage resilient (max-stale 7200s)" in capsys.readouterr().out
+    assert main(["check-config", "--provider-key-file", key_file], environ={}) == 0
+    assert "backend-outage strict, " in capsys.readouterr().out

@@ -11,6 +11,7 @@ test needs --max-stale to pass.
 
 import threading
 import time
+import urllib.request
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -23,6 +24,7 @@ from xcflushd.keys import Credentials, auth_key
 from xcflushd.outage import OutageTracker, is_answer, is_outage
 from xcflushd.renewer import PriorityRenewer
 from xcflushd.sim.gateway import Gateway
+from xcflushd.status import collect, render
 from xcflushd.storage import Storage, connect
 
 A1 = Credentials({"app_id": "a1b2c3", "app_key": "s3cr3t"})
@@ -238,6 +240,46 @@ def test_a_refusal_is_not_an_outage():
         assert is_answer(BackendRejected(status, code)) and not is_outage(BackendRejected(status, code))
     assert not is_answer(BackendRejected(0, "no_credentials"))  # ours, says nothing about the backend
     assert not is_outage(BackendRejected(0, "no_credentials"))
+
+
+def scrape(daemon) -> dict:
+    with urllib.request.urlopen(f"http://{daemon.metrics_address}/metrics", timeout=5) as resp:
+        lines = resp.read().decode().splitlines()
+    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in lines if line.startswith("xcflushd_")}
+
+
+def test_the_daemon_says_so_in_its_log_status_and_metrics(tmp_path, sim, r, redis_server, daemon_process):
+    key_file = tmp_path / "pk"
+    key_file.write_text("pk-test\n")
+    gateway = Gateway(r)
+    gateway.cache_report("555", A1, "hits", 2)
+    daemon = daemon_process(["run", "--redis", redis_server.address, "--backend", sim.url, "-c", "/dev/null",
+                             "--provider-key-file", str(key_file), "--frequency", "1", "--auth-ttl", "2",
+                             "--report-auth-wait", "0", "--backend-outage", "allow", "--max-stale", "60"])
+    daemon.wait_for("delivered=1")
+    sim.backend.set_faults(DOWN)
+    gateway.cache_report("555", A1, "hits", 1)
+    assert gateway.request("555", NEW, "hits") == "allowed"
+    daemon.wait_for("kept_alive_in_outage=")
+
+    document = collect(r)
+    assert document["healthy"] is False
+    assert any("backend outage since" in p and "stale authorization(s)" in p and "1 request(s) allowed" in p
+               for p in document["problems"]), document["problems"]
+    assert "backend outage since" in render(document, redis_server.url)
+    assert document["daemons"][0]["outage"]["in_outage"] is True
+    exported = scrape(daemon)
+    assert exported["xcflushd_backend_outage"] == 1
+    assert exported["xcflushd_authorizations_kept_alive"] >= 1
+    assert exported["xcflushd_outage_allowed_requests_total"] == 1
+
+    sim.backend.set_faults({"rate": 0.0})
+    daemon.wait_for("backend outage ended after")
+    assert scrape(daemon)["xcflushd_backend_outage"] == 0
+    assert daemon.stop() == 0
+    received = sim.backend.received()["555"]
+    assert received["a1b2c3"] == {"hits": 3} and received["free2"] == {"hits": 1}
+    assert "Traceback" not in daemon.output()
 
 
 # ---- any interleaving of up and down periods ----------------------------------------------------

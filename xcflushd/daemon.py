@@ -24,7 +24,7 @@ from .errors import ConfigError
 from .flusher import Flusher, FlushResult, FlushSettings
 from .heartbeat import Heartbeat, cycle_result
 from .notify import Notifier
-from .outage import OutageTracker
+from .outage import OutageTracker, describe_effect
 from .renewer import PriorityRenewer
 from .scheduler import Scheduler
 from .storage import Storage, connect
@@ -171,13 +171,9 @@ class Daemon:
                 f"{r.failed + r.dead_lettered} failed, {r.duration:.1f}s")
         if r.error:
             text += f" (cycle error: {r.error[:80]})"
-        o = self.outage
-        if o.in_outage:
-            text += (f"; BACKEND OUTAGE since {_clock(o.started_at)}, " + (
-                f"serving {o.kept} stale authorization(s) until {_clock(o.stale_until)}"
-                if o.kept else "cached authorizations expire as usual" if o.mode == "strict"
-                else "past --max-stale, stale authorizations expire") + (
-                f", {o.allowed} request(s) allowed" if o.allowed else ""))
+        if self.outage.in_outage:
+            text += f"; BACKEND OUTAGE since {_clock(self.outage.started_at)}: " + describe_effect(
+                self.outage.snapshot(), time.time())
         return text + f"; next flush {_clock(self.scheduler.next_run)}"
 
     def _log_result(self, result: FlushResult) -> None:

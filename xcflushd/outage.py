@@ -171,3 +171,20 @@ class OutageTracker:
                     "last_answer": round(self.last_answer, 3),
                     "stale_until": round(self.stale_until, 3) if outage and self.mode != STRICT else None,
                     "kept": self.kept, "allowed": self.allowed}
+
+
+def describe_effect(snapshot: Dict[str, Any], now: float) -> str:
+    """What an outage means for the gateway, in words, from a ``snapshot``: the status line's and ``status``'s."""
+    mode = snapshot.get("mode")
+    if snapshot.get("kept"):
+        text = (f"serving {snapshot['kept']} stale authorization(s) until "
+                f"{time.strftime('%H:%M:%SZ', time.gmtime(snapshot.get('stale_until') or 0))}")
+    elif mode == STRICT:
+        text = "cached authorizations expire as usual"
+    elif (snapshot.get("stale_until") or 0) <= now:
+        text = "past --max-stale, cached authorizations expire"
+    else:
+        text = "no cached authorization to keep"
+    if snapshot.get("allowed"):
+        text += f", {snapshot['allowed']} request(s) allowed without the backend"
+    return f"{text} (--backend-outage {mode})"

@@ -9,6 +9,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from .errors import StorageUnavailable
+from .outage import describe_effect
 from .storage import read_backlog, read_heartbeats
 
 HEALTHY, DEGRADED, UNREACHABLE = 0, 1, 2
@@ -40,7 +41,8 @@ def _daemon_problems(daemon: Dict[str, Any], now: float) -> List[str]:
     name = f"{daemon.get('host')}:{daemon.get('pid')}"
     outage = daemon.get("outage") or {}
     if outage.get("in_outage"):
-        return [f"{name}: backend outage since {_ago(outage.get('started_at'), now)}: {_outage_effect(outage)}"]
+        return [f"{name}: backend outage since {_ago(outage.get('started_at'), now)}: "
+                f"{describe_effect(outage, now)}"]
     frequency = float(daemon.get("frequency") or 0)
     cycle = daemon.get("last_cycle")
     since = (cycle or {}).get("finished_at") or daemon.get("started_at") or now
@@ -51,19 +53,6 @@ def _daemon_problems(daemon: Dict[str, Any], now: float) -> List[str]:
         reason = cycle.get("error") or cycle.get("backend_error") or f"{cycle.get('failed', 0)} report(s) kept"
         return [f"{name}: last flush cycle {cycle.get('result')}: {reason}"]
     return []
-
-
-def _outage_effect(outage: Dict[str, Any]) -> str:
-    if outage.get("kept"):
-        text = (f"serving {outage['kept']} stale authorization(s) (--backend-outage {outage.get('mode')}) "
-                f"until {_at(outage.get('stale_until'))}")
-    elif outage.get("mode") == "strict":
-        text = "cached authorizations expire as usual (--backend-outage strict)"
-    else:
-        text = f"no stale authorization served (--backend-outage {outage.get('mode')})"
-    if outage.get("allowed"):
-        text += f", {outage['allowed']} priority request(s) allowed without the backend"
-    return text
 
 
 def exit_code(document: Dict[str, Any]) -> int:
@@ -96,7 +85,7 @@ def render(document: Dict[str, Any], redis_display: str, now: Optional[float] = 
             lines.append(f"    metrics {d.get('metrics') or 'not served'}")
             o = d.get("outage")
             if o:
-                lines.append(f"    backend outage since {_ago(o.get('started_at'), now)}: {_outage_effect(o)}"
+                lines.append(f"    backend outage since {_ago(o.get('started_at'), now)}: {describe_effect(o, now)}"
                              if o.get("in_outage") else
                              f"    backend answering, last answer {_ago(o.get('last_answer'), now)}, "
                              f"--backend-outage {o.get('mode')}")

@@ -117,3 +117,25 @@ def test_healthy_control_for_the_wedge_test(notify_socket, redis_up, start_daemo
     quiet_from = time.monotonic()
     notify_socket.poll(WATCHDOG_SEC)
     assert len(pings(notify_socket, since=quiet_from)) >= 1
+
+
+def test_status_says_stale_authorizations_are_served_in_a_backend_outage(notify_socket, redis_up, start_daemon):
+    import redis
+
+    from xcflushd.keys import Credentials, auth_key
+    from xcflushd.sim.gateway import Gateway
+
+    client = redis.Redis(port=redis_up.port, decode_responses=True)
+    app = Credentials({"app_id": "app-0", "app_key": "key-0"})
+    client.hset(auth_key("1001", app), "hits", "1")  # cached before the backend went away
+    client.expire(auth_key("1001", app), 60)
+    Gateway(client).cache_report("1001", app, "hits", 3)
+    daemon = start_daemon(redis_up.address, closed_backend(), frequency=1,
+                          args=("--report-auth-wait", "0", "--backend-outage", "resilient", "--max-stale", "120"))
+    daemon.expect(notify_socket, "READY", "1")
+    deadline = time.monotonic() + 10
+    while not any("BACKEND OUTAGE" in s for s in statuses(notify_socket)) and time.monotonic() < deadline:
+        notify_socket.poll(0.5)
+    line = next((s for s in statuses(notify_socket) if "BACKEND OUTAGE" in s), statuses(notify_socket))
+    assert "serving 1 stale authorization(s) until " in line and "(--backend-outage resilient)" in line, line
+    client.close()
