@@ -414,7 +414,7 @@ class Flusher:
         self._cache(renewed, result, not_cached)
         result.add(auth_failures=sum(failures.values()))
         for message, count in failures.items():
-            log.warning("authorize failed for %d application(s), cached authorizations left to expire: %s",
+            log.warning("authorize failed for %d application(s), their cached authorizations not renewed: %s",
                         count, message)
         if not_cached:
             log.warning("flush cycle delivered %d report(s), could not cache %d authorization(s): %s",
