@@ -164,6 +164,28 @@ def test_a_4xx_during_a_partial_outage_is_applied(sim, r, outage_flusher):
     assert r.hgetall(auth_key("555", IDLE)) == {"hits": "1"}
 
 
+def test_the_cycle_that_finds_the_backend_back_batches_nothing(sim, r, outage_flusher):
+    """An application deleted during the outage still says 1 (kept alive): batched with others,
+    the backend would answer 202 and drop the whole batch (decision 5)."""
+    gateway = Gateway(r)
+    flusher = outage_flusher(sim, "resilient")
+    for creds in (A1, GHOST):  # both cached as authorized; GHOST was deleted since
+        r.hset(auth_key("555", creds), "hits", "1")
+        r.expire(auth_key("555", creds), AUTH_TTL)
+    sim.backend.set_faults(DOWN)
+    gateway.cache_report("555", A1, "hits", 1)
+    flusher.flush_once()
+    assert flusher.outage.in_outage
+    gateway.cache_report("555", A1, "hits", 4)
+    gateway.cache_report("555", GHOST, "hits", 1)
+
+    sim.backend.set_faults({"rate": 0.0})
+    flusher.flush_once()
+
+    assert sim.backend.received()["555"]["a1b2c3"] == {"hits": 5}
+    assert "a1b2c3" not in sim.backend.dropped().get("555", {})  # only the deleted application's own
+
+
 @pytest.fixture
 def allow_renewer(redis_server, r, sim):
     stopped = threading.Event()

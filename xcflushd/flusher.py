@@ -320,7 +320,9 @@ class Flusher:
 
     def _calls(self, owned, cycle, result, to_authorize, acks: "_Acks") -> Iterator[List[Report]]:
         """Read owned reports chunk by chunk and group them into report calls."""
-        batching = self.settings.batch_size > 1
+        # Through an outage the cached authorizations confirm nothing: kept alive, an application
+        # deleted meanwhile still says 1, and its transaction would make the backend drop a batch.
+        batching = self.settings.batch_size > 1 and not (self.outage is not None and self.outage.in_outage)
         batches: Dict[str, List[Report]] = {}
         params: Dict[str, int] = {}
         metric_sets: Dict[Tuple[str, ...], Tuple[str, ...]] = {}
