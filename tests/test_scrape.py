@@ -149,7 +149,7 @@ def test_prometheus_scrapes_the_daemon_and_sees_what_it_counted(tmp_path, r, red
         # A rule not evaluated yet says so with Go's zero time, 0001-01-01.
         return rules if rules and all(not rule["lastEvaluation"].startswith("0001") for rule in rules) else None
     rules = wait_until(rules_evaluated, 20, "every rule evaluated")
-    assert len(rules) == 7 and all(rule["health"] == "ok" for rule in rules), rules
+    assert len(rules) == 8 and all(rule["health"] == "ok" for rule in rules), rules
     alerts = wait_until(lambda: [a for a in prom.api("alerts")["alerts"]
                                  if a["labels"]["alertname"] == "XcflushdDeadLetters"], 20, "the dead letter alert")
     assert alerts[0]["state"] == "pending" and alerts[0]["labels"]["instance"] == daemon.metrics_address
