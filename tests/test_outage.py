@@ -146,11 +146,12 @@ def test_an_application_denied_during_the_outage_is_denied_after_it(sim, r, outa
     assert r.hget(auth_key("555", A1), "hits") == "0:limits_exceeded"
 
 
-def test_a_4xx_during_a_partial_outage_is_applied(sim, r, outage_flusher):
+def test_a_4xx_during_a_partial_outage_is_applied(sim, r, outage_flusher, allow_renewer):
     """Reports fail with 503 (an outage), authorizations are answered: a deleted application's
-    404 replaces its cached 1, the keep-alive does not mask it."""
+    404 replaces its cached 1, the keep-alive does not mask it, and allow does not answer 1 for it."""
     gateway = Gateway(r)
-    flusher = outage_flusher(sim, "resilient")
+    flusher = outage_flusher(sim, "allow")
+    allow_renewer(flusher.outage)
     r.hset(auth_key("555", GHOST), "hits", "1")  # cached before it was deleted
     r.expire(auth_key("555", GHOST), AUTH_TTL)
     r.hset(auth_key("555", IDLE), "hits", "1")
@@ -163,6 +164,9 @@ def test_a_4xx_during_a_partial_outage_is_applied(sim, r, outage_flusher):
     assert flusher.outage.in_outage and result.kept_alive == 2
     assert r.hgetall(auth_key("555", GHOST)) == {"hits": "0:application_not_found"}
     assert r.hgetall(auth_key("555", IDLE)) == {"hits": "1"}
+    assert gateway.priority_authorization("555", Credentials({"app_id": "ghost2"}), "hits") == \
+        "0:application_not_found"
+    assert flusher.outage.allowed == 0
 
 
 def test_the_cycle_that_finds_the_backend_back_batches_nothing(sim, r, outage_flusher):
