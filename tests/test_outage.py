@@ -23,9 +23,9 @@ from xcflushd.flusher import Flusher, FlushSettings
 from xcflushd.keys import Credentials, auth_key
 from xcflushd.outage import OutageTracker, is_answer, is_outage
 from xcflushd.renewer import PriorityRenewer
-from xcflushd.sim.gateway import Gateway
 from xcflushd.status import collect, render
 from xcflushd.storage import Storage, connect
+from xcflushd_sim.gateway import Gateway
 
 A1 = Credentials({"app_id": "a1b2c3", "app_key": "s3cr3t"})
 SMALL = Credentials({"app_id": "small"})      # plan allows 2 hits in eternity

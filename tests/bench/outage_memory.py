@@ -15,8 +15,8 @@ from xcftest import DEMO_CONFIG, RedisServer  # noqa: E402
 from xcflushd.backend import ServiceCredentials, make_client  # noqa: E402
 from xcflushd.flusher import Flusher, FlushSettings  # noqa: E402
 from xcflushd.outage import OutageTracker  # noqa: E402
-from xcflushd.sim.server import Simulator  # noqa: E402
 from xcflushd.storage import Storage, connect  # noqa: E402
+from xcflushd_sim.server import Simulator  # noqa: E402
 
 
 def main(applications: int) -> None:

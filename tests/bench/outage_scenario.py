@@ -17,9 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from xcftest import DEMO_CONFIG, DaemonProcess, RedisServer, free_port  # noqa: E402
 
 from xcflushd.keys import Credentials  # noqa: E402
-from xcflushd.sim.gateway import Gateway  # noqa: E402
-from xcflushd.sim.server import Simulator  # noqa: E402
 from xcflushd.storage import connect  # noqa: E402
+from xcflushd_sim.gateway import Gateway  # noqa: E402
+from xcflushd_sim.server import Simulator  # noqa: E402
 
 
 def main(mode: str) -> None:

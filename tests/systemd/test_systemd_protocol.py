@@ -123,7 +123,7 @@ def test_status_says_stale_authorizations_are_served_in_a_backend_outage(notify_
     import redis
 
     from xcflushd.keys import Credentials, auth_key
-    from xcflushd.sim.gateway import Gateway
+    from xcflushd_sim.gateway import Gateway
 
     client = redis.Redis(port=redis_up.port, decode_responses=True)
     app = Credentials({"app_id": "app-0", "app_key": "key-0"})
