@@ -25,7 +25,7 @@ def collect(client, now: Optional[float] = None) -> Dict[str, Any]:
         backlog = read_backlog(client)
     except StorageUnavailable as exc:
         return {"redis": str(exc), "healthy": False, "problems": [f"Redis unreachable: {exc}"]}
-    problems = [p for d in daemons for p in _daemon_problems(d, now)]
+    problems = [p for d in daemons for p in _outage_problems(d, now) + _daemon_problems(d, now)]
     if not daemons:
         problems.append("no live xcflushd daemon on this Redis")
     if backlog.dead_letters:
@@ -37,12 +37,16 @@ def collect(client, now: Optional[float] = None) -> Dict[str, Any]:
     }
 
 
+def _outage_problems(daemon: Dict[str, Any], now: float) -> List[str]:
+    outage = daemon.get("outage") or {}
+    if not outage.get("in_outage"):
+        return []
+    return [f"{daemon.get('host')}:{daemon.get('pid')}: backend outage since "
+            f"{_ago(outage.get('started_at'), now)}: {describe_effect(outage, now)}"]
+
+
 def _daemon_problems(daemon: Dict[str, Any], now: float) -> List[str]:
     name = f"{daemon.get('host')}:{daemon.get('pid')}"
-    outage = daemon.get("outage") or {}
-    if outage.get("in_outage"):
-        return [f"{name}: backend outage since {_ago(outage.get('started_at'), now)}: "
-                f"{describe_effect(outage, now)}"]
     frequency = float(daemon.get("frequency") or 0)
     cycle = daemon.get("last_cycle")
     since = (cycle or {}).get("finished_at") or daemon.get("started_at") or now
@@ -61,14 +65,10 @@ def exit_code(document: Dict[str, Any]) -> int:
     return HEALTHY if document["healthy"] else DEGRADED
 
 
-def _at(ts: Optional[float]) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ts)) if ts else "-"
-
-
 def _ago(ts: Optional[float], now: float) -> str:
     if not ts:
         return "-"
-    return _at(ts) + f" ({now - ts:.0f}s ago)"
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ts)) + f" ({now - ts:.0f}s ago)"
 
 
 def render(document: Dict[str, Any], redis_display: str, now: Optional[float] = None) -> str:
