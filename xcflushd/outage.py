@@ -88,8 +88,10 @@ class OutageTracker:
         elif is_answer(outcome):
             with self._lock:
                 self._answered += 1
+                publish = now - self.last_answer >= 1.0  # a gauge set takes a lock: not on every call of a storm
                 self.last_answer = max(self.last_answer, now)
-            metrics.backend_answered(now)
+            if publish:
+                metrics.backend_answered(now)
 
     def begin_cycle(self) -> None:
         """A flush cycle starts: its calls (and the priority calls meanwhile) judge whether the outage is over."""
