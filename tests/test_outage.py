@@ -260,6 +260,17 @@ def test_allow_does_not_answer_past_max_stale_nor_in_resilient_mode(sim, r, allo
     assert r.keys("auth,*") == []
 
 
+def test_the_last_answer_gauge_follows_a_steady_stream_of_answers():
+    from prometheus_client import REGISTRY
+
+    now = [5000.0]
+    tracker = OutageTracker("resilient", 60, lambda: now[0])
+    for _ in range(30):  # an answer every 0.1 s for 3 s
+        now[0] += 0.1
+        tracker.observe(None)
+    assert REGISTRY.get_sample_value("xcflushd_backend_last_answer_timestamp_seconds") >= 5002.0
+
+
 def test_a_refusal_is_not_an_outage():
     assert is_outage(BackendUnavailable("authorize: HTTP 503"))
     assert is_outage(BackendRejected(429, "", "too many"))

@@ -67,6 +67,7 @@ class OutageTracker:
         self.allowed = 0                     # priority requests allowed in the current outage
         self.allowed_keys: set = set()       # their auth keys: kept alive by nobody, re-asked when they expire
         self._answered = self._failed = 0    # in the current flush cycle
+        self._published = self.last_answer   # last_answer as the gauge last showed it
         metrics.backend_outage(False, self.last_answer)
 
     # ---- feeding ---------------------------------------------------------------
@@ -88,8 +89,10 @@ class OutageTracker:
         elif is_answer(outcome):
             with self._lock:
                 self._answered += 1
-                publish = now - self.last_answer >= 1.0  # a gauge set takes a lock: not on every call of a storm
                 self.last_answer = max(self.last_answer, now)
+                publish = now - self._published >= 1.0  # a gauge set takes a lock: not on every call of a storm
+                if publish:
+                    self._published = now
             if publish:
                 metrics.backend_answered(now)
 
