@@ -268,6 +268,22 @@ redis.call('DEL', KEYS[1])
 redis.call('HDEL', KEYS[3], ARGV[3])
 return 1
 """
+# The refusals in a row of one report key, as "<count> <hand-over suffix>": a
+# re-sent call finds its own suffix and counts nothing (a bare count, from an
+# older daemon, counts on). No allow-oom: it writes, and a full Redis
+# refusing it only means a few more retries (flusher.py).
+_COUNT_FAILURE = """
+local count, last = 0, ''
+local value = redis.call('HGET', KEYS[1], ARGV[1])
+if value then
+  local n, tag = string.match(value, '^(%d+) ?(.*)$')
+  count, last = tonumber(n) or 0, tag or ''
+end
+if last == ARGV[2] then return count end
+count = count + 1
+redis.call('HSET', KEYS[1], ARGV[1], count .. ' ' .. ARGV[2])
+return count
+"""
 # A few bytes that say who owns what (set_record), and a dead letter's entry:
 # written even when Redis is full, so no other daemon takes a live cycle's
 # keys for a dead one's.
@@ -329,13 +345,14 @@ class Storage:
         self._scripts: Optional[Dict[str, object]] = None
 
     def _script(self, name: str):
-        """The named script, with ``allow-oom`` where the server knows it (Redis >= 7)."""
+        """The named script, with ``allow-oom`` where the server knows it (Redis >= 7) but for the failure counter."""
         if self._scripts is None:
             version = str(self.redis.info("server").get("redis_version", "0"))
             prefix = ALLOW_OOM if int(version.split(".")[0] or 0) >= 7 else ""
             self._scripts = {n: self.redis.register_script(prefix + body) for n, body in (
                 ("restore", _RESTORE), ("dead_letter", _DEAD_LETTER), ("hset", _HSET_SMALL),
                 ("set_ex", _SET_EX_SMALL))}
+            self._scripts["count_failure"] = self.redis.register_script(_COUNT_FAILURE)
         return self._scripts[name]
 
     # ---- leases ------------------------------------------------------------
@@ -364,14 +381,8 @@ class Storage:
         Returns the reports now owned by this cycle: those in ``report_keys``
         and, when ``recover``, those left behind by dead cycles.
         """
-        sets = []
         flushing = FLUSHING_PREFIX + cycle.suffix
-        try:
-            self.redis.rename(REPORT_KEYS_SET, flushing)
-            sets.append(flushing)
-        except redis.ResponseError as exc:
-            if "no such key" not in str(exc).lower():
-                raise
+        sets = [flushing] if self._move([(REPORT_KEYS_SET, flushing)])[0] else []
         orphans: List[str] = []
         if recover:
             sets += self._dead(self.redis.scan_iter(match=FLUSHING_PREFIX + "_*", count=1000), FLUSHING_PREFIX,
@@ -431,36 +442,58 @@ class Storage:
             if "WRONGTYPE" not in str(exc):
                 raise
             target = QUARANTINE_PREFIX + name
-            self.redis.rename(name, target)
+            if not self._move([(name, target)])[0]:
+                return []
             self._record_dead_letter(name, {}, f"{REPORT_KEYS_SET} was not a set; moved to {target}")
             log.error("%s is not a set: moved to %s, the gateway starts a new one", REPORT_KEYS_SET, target)
             return []
 
+    def _move(self, moves: Sequence[Tuple[str, str]]) -> List[bool]:
+        """RENAMENX each (key, target) in one pipeline: True where the target now holds the key's data for us.
+
+        Every target is a name of this cycle's own (its suffix), so a target
+        that exists was made by this very command, sent before a reply that
+        was lost: the retry policy may re-send the whole pipeline. RENAME
+        would then move whatever the gateway wrote to the key since over the
+        target, and the target's usage would be lost; RENAMENX leaves the new
+        data where the gateway indexed it, for the next cycle. A key that is
+        gone was moved by that earlier send, or by another cycle (an adopter
+        that won): whether the target exists says which.
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        for key, target in moves:
+            pipe.renamenx(key, target)
+        moved, gone = [], []
+        for i, result in enumerate(pipe.execute(raise_on_error=False)):
+            if isinstance(result, Exception):
+                if "no such key" not in str(result).lower():
+                    raise result  # a real Redis error, not a key gone missing
+                gone.append(i)
+            moved.append(not isinstance(result, Exception))  # False too: the target exists
+        if gone:
+            pipe = self.redis.pipeline(transaction=False)
+            for i in gone:
+                pipe.exists(moves[i][1])
+            for i, exists in zip(gone, pipe.execute()):
+                moved[i] = bool(exists)
+        return moved
+
     def _rename_members(self, members: Sequence[str], suffix: str) -> List[str]:
         renamed = []
         for chunk in iter_chunks(members, self.chunk):
-            pipe = self.redis.pipeline(transaction=False)
-            for member in chunk:
-                pipe.rename(member, to_flush_key(member, suffix))
-            for member, result in zip(chunk, pipe.execute(raise_on_error=False)):
-                if result is True:
-                    renamed.append(member)
-                elif "no such key" not in str(result).lower():
-                    raise result  # a real Redis error, not a key gone missing
+            moved = self._move([(member, to_flush_key(member, suffix)) for member in chunk])
+            renamed.extend(member for member, ok in zip(chunk, moved) if ok)
         return renamed
 
     def _adopt(self, orphans: Sequence[str], suffix: str) -> List[Tuple[str, str]]:
         owned = []
-        for n, name in enumerate(orphans):
-            member, _ = split_suffixed(name, TO_FLUSH_PREFIX)
-            target = to_flush_key(member, f"{suffix}-{n}")
-            try:
-                if self.redis.renamenx(name, target):
-                    owned.append((target, member))
-            except redis.ResponseError as exc:
-                if "no such key" not in str(exc).lower():
-                    raise
-                continue  # another cycle adopted it first
+        for first in range(0, len(orphans), self.chunk):
+            chunk = orphans[first:first + self.chunk]
+            members = [split_suffixed(name, TO_FLUSH_PREFIX)[0] for name in chunk]
+            targets = [to_flush_key(member, f"{suffix}-{first + n}") for n, member in enumerate(members)]
+            # False: another cycle adopted it first.
+            owned += [(target, member) for target, member, ok in
+                      zip(targets, members, self._move(list(zip(chunk, targets)))) if ok]
         if owned:
             log.warning("adopted %d report(s) left behind by a cycle that died", len(owned))
         return owned
@@ -499,7 +532,8 @@ class Storage:
 
     def _quarantine(self, key: str, member: str, reason: str) -> None:
         target = QUARANTINE_PREFIX + key
-        self.redis.rename(key, target)
+        if not self._move([(key, target)])[0]:
+            return
         self._record_dead_letter(member, {}, f"{reason}; moved to {target}")
         log.error("quarantined %s: %s", redact_key(member), reason)
 
@@ -553,7 +587,8 @@ class Storage:
 
     @_storage_errors
     def count_failure(self, report: Report) -> int:
-        return self.redis.hincrby(FAILURES_HASH, report.report_key, 1)
+        """One more refusal of this report key; once per hand-over key however often it is re-sent."""
+        return int(self._script("count_failure")(keys=[FAILURES_HASH], args=[report.report_key, report.suffix]))
 
     @_storage_errors
     def dead_letter(self, report: Report, reason: str, cycle: Cycle) -> None:
