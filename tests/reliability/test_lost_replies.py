@@ -36,9 +36,9 @@ from xcflushd.defaults import (
 )
 from xcflushd.flusher import Flusher, FlushSettings
 from xcflushd.keys import Credentials, auth_request_message
-from xcflushd.sim.gateway import Gateway
-from xcflushd.sim.server import Simulator
 from xcflushd.storage import Storage, connect
+from xcflushd_sim.gateway import Gateway
+from xcflushd_sim.server import Simulator
 
 C = Credentials
 APPS = [App("555", C({"app_id": "a1b2c3", "app_key": "s3cr3t"}), "a1b2c3", ["hits", "search"]),
