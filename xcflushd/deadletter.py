@@ -14,12 +14,13 @@ Requeue merges an entry's usage back where the gateway writes (HINCRBY into
 the report hash, SADD report_keys) and deletes the entry, in one Lua script:
 the next flush cycle reports it, and two requeues, a drop and a running
 daemon cannot count it twice or lose it. A script changes an entry only if
-it still holds exactly what was listed. Like storage.py this module is part
+it still holds exactly what was listed, so a re-sent one changes nothing. Like storage.py this module is part
 of the storage layer (it speaks Redis through the client passed in).
 """
 
 import hashlib
 import json
+import secrets
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence
 
 import redis
@@ -32,8 +33,11 @@ from .keys import parse_report_key, redact_key, redact_text, split_suffixed
 _MAX_COUNT = 10 ** 18
 ID_LENGTH = 12
 
+# The last key of both scripts is a receipt (RECEIPT_PREFIX + a token of this
+# call), kept a minute: a call the retry policy re-sends after a lost reply
+# then reports what its first send did, not "gone".
 _REQUEUE = """
-if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return redis.call('EXISTS', KEYS[4]) end
 local kind = redis.call('TYPE', KEYS[2])['ok']
 if kind ~= 'none' and kind ~= 'hash' then return -1 end
 for i = 3, #ARGV, 2 do
@@ -43,13 +47,17 @@ end
 for i = 3, #ARGV, 2 do redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1]) end
 redis.call('SADD', KEYS[3], KEYS[2])
 redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[4], '1', 'EX', 60)
 return 1
 """
 
 _DROP = """
-if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
-return redis.call('HDEL', KEYS[1], ARGV[1])
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return redis.call('EXISTS', KEYS[2]) end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], '1', 'EX', 60)
+return 1
 """
+RECEIPT_PREFIX = "xcflushd:dead_letter_receipt:"
 
 REQUEUED, DROPPED, GONE, REFUSED = "requeued", "dropped", "gone", "refused"
 
@@ -155,10 +163,15 @@ def requeue(client, entry: Entry) -> str:
     args: List[Any] = [entry.field, entry.raw]
     for metric, count in entry.usage.items():
         args += [metric, count]
-    done = client.register_script(_REQUEUE)(keys=[DEAD_LETTER_HASH, entry.report_key, REPORT_KEYS_SET], args=args)
+    done = client.register_script(_REQUEUE)(keys=[DEAD_LETTER_HASH, entry.report_key, REPORT_KEYS_SET, _receipt()],
+                                            args=args)
     if done == -1:
         return REFUSED
     return REQUEUED if done == 1 else GONE
+
+
+def _receipt() -> str:
+    return RECEIPT_PREFIX + secrets.token_hex(8)
 
 
 def refusal_after(entry: Entry, outcome: str) -> Optional[str]:
@@ -171,5 +184,5 @@ def refusal_after(entry: Entry, outcome: str) -> Optional[str]:
 @_errors
 def drop(client, entry: Entry) -> str:
     """Delete the entry (a quarantined key it points at stays): DROPPED or GONE."""
-    done = client.register_script(_DROP)(keys=[DEAD_LETTER_HASH], args=[entry.field, entry.raw])
+    done = client.register_script(_DROP)(keys=[DEAD_LETTER_HASH, _receipt()], args=[entry.field, entry.raw])
     return DROPPED if done == 1 else GONE
