@@ -36,7 +36,7 @@ from xcflushd.defaults import (
 )
 from xcflushd.flusher import Flusher, FlushSettings
 from xcflushd.keys import Credentials, auth_request_message
-from xcflushd.storage import Storage, connect
+from xcflushd.storage import Report, Storage, connect
 from xcflushd_sim.gateway import Gateway
 from xcflushd_sim.server import Simulator
 
@@ -247,3 +247,16 @@ def test_a_re_sent_priority_answer_reaches_the_channel_twice_with_the_same_value
     assert answers == ["1", "1"]
     assert direct.hgetall(app.auth_key) == {"hits": "1", "other": "0:limits_exceeded"}
     assert 590 < direct.ttl(app.auth_key) <= 600
+
+
+def test_the_refusal_counter_counts_once_per_hand_over_and_carries_on_an_older_bare_count(lab):
+    server, _, _, _ = lab
+    direct = no_retry_client(server.port)
+    direct.flushall()
+    storage = Storage(connect(server.url))
+    app = APPS[0]
+    direct.hset(FAILURES_HASH, app.report_key, "2")  # as a daemon before issue 28 left it
+    first = Report("_20261207120000_0123456789ab", app.report_key, app.service_id, app.creds, {"hits": 1})
+    assert [storage.count_failure(first) for _ in range(3)] == [3, 3, 3]
+    assert storage.count_failure(first._replace(suffix="_20261207120500_0123456789ab")) == 4
+    storage.redis.close()
