@@ -2,12 +2,13 @@
 
 At-least-once (decision 6): usage taken out of ``report_keys`` stays in Redis
 under a ``to_flush:`` key until the backend acknowledged the call that carried
-it. Every write that moves usage is atomic (RENAME, or MULTI/EXEC), so a kill
-at any moment leaves each unit of usage in exactly one place.
+it. Every write that moves usage is atomic (RENAMENX, or a Lua script), so a
+kill at any moment leaves each unit of usage in exactly one place, and each is
+harmless when the retry policy sends it twice (docs/guarantees.md lists them).
 
 A cycle works under a lease (``xcflushd:lease:<cycle id>``, with a TTL it
 keeps renewing). Hand-over keys whose cycle holds no lease belong to a cycle
-that died; a later cycle finds them with SCAN and adopts them with RENAME,
+that died; a later cycle finds them with SCAN and adopts them with RENAMENX,
 which only one adopter can win.
 
 Redis objects here are shared between threads through the client's connection
@@ -170,7 +171,8 @@ class BoundedRetry(Retry):
     connection or a timeout is retried, on a fresh connection, until
     ``budget`` seconds have passed since the command was first sent. The
     commands that run under it are written so that running one twice does
-    no harm (DEL, RENAME, idempotent scripts, HSET of the same values).
+    no harm (DEL, RENAMENX to the cycle's own names, scripts that check
+    their preconditions, HSET of the same values).
     """
 
     def __init__(self, budget: float = REDIS_RETRY_BUDGET, base: float = REDIS_RETRY_BASE,
