@@ -14,8 +14,9 @@ Requeue merges an entry's usage back where the gateway writes (HINCRBY into
 the report hash, SADD report_keys) and deletes the entry, in one Lua script:
 the next flush cycle reports it, and two requeues, a drop and a running
 daemon cannot count it twice or lose it. A script changes an entry only if
-it still holds exactly what was listed, so a re-sent one changes nothing. Like storage.py this module is part
-of the storage layer (it speaks Redis through the client passed in).
+it still holds exactly what was listed, so a re-sent one changes nothing.
+Like storage.py this module is part of the storage layer (it speaks Redis
+through the client passed in).
 """
 
 import hashlib

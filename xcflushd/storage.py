@@ -453,9 +453,10 @@ class Storage:
     def _move(self, moves: Sequence[Tuple[str, str]]) -> List[bool]:
         """RENAMENX each (key, target) in one pipeline: True where the target now holds the key's data for us.
 
-        Every target is a name of this cycle's own (its suffix), so a target
-        that exists was made by this very command, sent before a reply that
-        was lost: the retry policy may re-send the whole pipeline. RENAME
+        Every target is a name only this cycle writes (its suffix, or the
+        name of a key it owns), so a target that exists was made by this very
+        command, sent before a reply that was lost: the retry policy may
+        re-send the whole pipeline. RENAME
         would then move whatever the gateway wrote to the key since over the
         target, and the target's usage would be lost; RENAMENX leaves the new
         data where the gateway indexed it, for the next cycle. A key that is
