@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xcflushd.backend import (
+    BackendClient,
     BackendUnavailable,
     ServiceCredentials,
     _canonical_status,
@@ -19,6 +20,7 @@ from xcflushd.backend import (
     make_client,
     parse_status,
 )
+from xcflushd.errors import BackendError
 from xcflushd.keys import Credentials
 from xcflushd.transport import Response
 from xcflushd_sim.xmldoc import escape_attr, escape_text
@@ -35,8 +37,14 @@ def tree(body: bytes):
         return None
 
 
+NUMBERS = st.integers(0, 10**20).map(str)
+# Past int()'s limit of 4300 digits, with leading zeros, and one digit short of it.
+HUGE_NUMBERS = st.one_of(NUMBERS, st.integers(4290, 4400).map(lambda n: "9" * n),
+                         st.integers(4300, 4400).map(lambda n: "0" * n + "1"), st.just("1" * 4300))
+
+
 @st.composite
-def documents(draw, alphabet, escape):
+def documents(draw, alphabet, escape, numbers=NUMBERS):
     """A status document in the backend's order, texts from ``alphabet``."""
     text = st.text(alphabet, max_size=12)
     esc_text = (lambda t: escape_text(t)) if escape else (lambda t: t)
@@ -59,9 +67,10 @@ def documents(draw, alphabet, escape):
         parts.append("<usage_reports>")
         for _ in range(draw(st.integers(0, 4))):
             period = draw(st.one_of(st.sampled_from(PERIODS), text))
-            current, maximum = draw(st.integers(0, 10**20)), draw(st.integers(0, 10**20))
+            current, maximum = draw(numbers), draw(numbers)
+            exceeded = (len(current), current) > (len(maximum), maximum)  # as ints, for the usual numbers
             parts.append(f'<usage_report metric="{esc_attr(draw(metrics))}" period="{esc_attr(period)}"'
-                         + (' exceeded="true">' if current > maximum else ">"))
+                         + (' exceeded="true">' if exceeded else ">"))
             if period != "eternity":
                 parts.append(f"<period_start>{esc_text(draw(text))}</period_start>"
                              f"<period_end>{esc_text(draw(text))}</period_end>")
@@ -104,8 +113,8 @@ def test_hostile_text_reads_the_same_or_goes_to_the_xml_parser(body):
 
 
 @st.composite
-def mutated(draw):
-    body = bytearray(draw(documents(SAFE, escape=False)))
+def mutated(draw, numbers=NUMBERS):
+    body = bytearray(draw(documents(SAFE, escape=False, numbers=numbers)))
     for _ in range(draw(st.integers(1, 3))):
         at = draw(st.integers(0, len(body)))
         kind = draw(st.sampled_from(["insert", "delete", "replace"]))
@@ -190,3 +199,53 @@ def test_each_character_in_each_place_reads_the_same_or_goes_to_the_xml_parser(s
             fast = _canonical_status(body)
             if fast is not None:
                 assert fast == tree(body), (slot, value)
+
+
+# ---- every answer is a status or one failed call ---------------------------------------
+
+def one_failed_call_or(parse, *args):
+    """``parse(*args)``'s result, or the BackendError it raised, checked to be one bounded line.
+
+    Any other exception fails the test: on the priority path it would leave the
+    request's callers unanswered, in a cycle it would end the authorize phase.
+    """
+    try:
+        return parse(*args)
+    except BackendError as exc:
+        message = str(exc)
+        assert "\n" not in message and "\r" not in message and len(message) < 500, message[:300]
+        return exc
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=st.one_of(documents(SAFE, escape=False, numbers=HUGE_NUMBERS),
+                      documents(HOSTILE, escape=True, numbers=HUGE_NUMBERS), mutated(HUGE_NUMBERS)),
+       status=st.sampled_from([200, 409, 400, 403, 404, 422, 500]),
+       ctype=st.sampled_from(["application/vnd.3scale-v2.0+xml", "text/xml; charset=utf-8", "text/html", ""]),
+       reason=st.one_of(st.none(), st.text(max_size=40).map(lambda t: " ".join(t.split()))))
+def test_the_backends_documents_with_any_values_are_a_status_or_one_failed_call(body, status, ctype, reason):
+    headers = {"content-type": ctype, **({"3scale-rejection-reason": reason} if reason is not None else {})}
+    outcome = one_failed_call_or(parse_status, Response(status, headers, body))
+    if not isinstance(outcome, BackendError):
+        assert all(isinstance(u.metric, str) and isinstance(u.period, str) and isinstance(u.current_value, int)
+                   and isinstance(u.max_value, int) for u in outcome.usage_reports), outcome
+    one_failed_call_or(BackendClient._report_outcome, Response(status, headers, body))
+
+
+@pytest.mark.parametrize("where", ["max_value", "current_value"])
+def test_a_number_too_long_for_int_is_the_same_failed_call_on_both_paths(where):
+    tag = b"<%s>" % where.encode()
+    body = _TEMPLATE.format(**_SLOTS).encode().replace(tag, tag + b"9" * 5000)
+    spaced = body.replace(b"<plan>", b"\n<plan>")  # the same document, off the fast path
+    assert _canonical_status(spaced) is None
+    outcomes = [one_failed_call_or(parse_status, Response(409, {"content-type": "application/xml"}, b))
+                for b in (body, spaced)]
+    assert [str(o) for o in outcomes] == ["authorize: malformed usage_report"] * 2, outcomes
+
+
+@pytest.mark.parametrize("attribute", [b' metric="v"', b' period="v"'])
+def test_a_usage_report_without_metric_or_period_is_a_failed_call(attribute):
+    body = _TEMPLATE.format(**_SLOTS).encode().replace(attribute, b"", 1)
+    assert _canonical_status(body) is None
+    outcome = one_failed_call_or(parse_status, Response(200, {"content-type": "application/xml"}, body))
+    assert str(outcome) == "authorize: malformed usage_report", outcome

@@ -168,7 +168,25 @@ def _scrub(message: str) -> str:
 
 
 def parse_status(resp: Response) -> AuthStatus:
-    """Turn an authorize/oauth_authorize response into an AuthStatus or raise."""
+    """Turn an authorize/oauth_authorize response into an AuthStatus or raise a BackendError.
+
+    Nothing else: whatever an answer holds, it costs one failed call, never
+    the renewer's answer for every later asker nor a cycle's authorize phase.
+    """
+    try:
+        return _status(resp)
+    except BackendError:
+        raise
+    except Exception as exc:
+        raise _unreadable("authorize", exc) from None
+
+
+def _unreadable(what: str, exc: Exception) -> BackendUnavailable:
+    # The type only: a message may quote the body, and bodies carry application keys.
+    return BackendUnavailable(f"{what}: unreadable answer ({type(exc).__name__})")
+
+
+def _status(resp: Response) -> AuthStatus:
     what = "authorize"
     if resp.status >= 500 or resp.status < 200 or 300 <= resp.status < 400:
         raise BackendUnavailable(f"{what}: HTTP {resp.status}")
@@ -207,9 +225,12 @@ def _tree_status(body: bytes, http_status: int) -> StatusDocument:
         raise BackendUnavailable(f"{what}: HTTP {http_status} without a status document")
     reports = []
     for el in root.iterfind("usage_reports/usage_report"):
+        metric, period = el.get("metric"), el.get("period")
         try:
-            reports.append(UsageReport(el.get("metric"), el.get("period"),
-                                       int(el.findtext("current_value")), int(el.findtext("max_value"))))
+            if metric is None or period is None:  # a None metric would fail the Redis write of a whole batch
+                raise TypeError
+            reports.append(UsageReport(metric, period, int(el.findtext("current_value")),
+                                       int(el.findtext("max_value"))))
         except (TypeError, ValueError):
             raise BackendUnavailable(f"{what}: malformed usage_report") from None
     hierarchy: Dict[str, List[str]] = {}
@@ -272,9 +293,12 @@ def _canonical_status(body: bytes) -> Optional[StatusDocument]:
     if match is None:
         return None
     authorized, reason, reports, hierarchy = match.groups()
-    return (authorized == b"true", None if reason is None else reason.decode("ascii"),
-            tuple(UsageReport(metric.decode("ascii"), period.decode("ascii"), int(current), int(maximum))
-                  for metric, period, maximum, current in _REPORTS(reports or b"")),
+    try:
+        usage = tuple(UsageReport(metric.decode("ascii"), period.decode("ascii"), int(current), int(maximum))
+                      for metric, period, maximum, current in _REPORTS(reports or b""))
+    except ValueError:  # more digits than int() takes (sys.get_int_max_str_digits): as the tree path says
+        raise BackendUnavailable("authorize: malformed usage_report") from None
+    return (authorized == b"true", None if reason is None else reason.decode("ascii"), usage,
             {name.decode("ascii"): children.decode("ascii").split()
              for name, children in _METRICS(hierarchy or b"") if name})
 
@@ -333,7 +357,11 @@ class BackendClient:
         if 200 <= resp.status < 300:
             return
         if 400 <= resp.status < 500:
-            raise _error_from(resp, "report")
+            try:
+                err = _error_from(resp, "report")
+            except Exception as exc:  # as parse_status: one failed call, whatever the body holds
+                raise _unreadable("report", exc) from None
+            raise err
         raise BackendUnavailable(f"report: HTTP {resp.status}")
 
     # ---- one call ---------------------------------------------------------------
