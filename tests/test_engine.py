@@ -241,3 +241,41 @@ def test_a_serial_cycle_in_an_outage_waits_for_one_connect_not_one_per_report(r,
     tried = {e: backend_calls_recorded(e) - tried_before[e] for e in tried_before}
     assert tried["report"] == 1 and tried["authorize"] <= 1, tried
     assert r.scard("report_keys") == 50
+
+
+def test_a_failing_callback_is_logged_a_few_times_and_an_unsendable_call_fails(sim, caplog):
+    from xcflushd.errors import BackendUnavailable
+    from xcflushd.transport import Engine, Request
+
+    engine = Engine(sim.url, 2, 5)
+    request = engine.build("GET", "/transactions/authorize.xml", "provider_key=pk-test&service_id=555&app_id=a1b2c3")
+    unsendable = Request("GET", "/x", engine.prefix + "/x\0y", None, [])  # libcurl takes no NUL in a URL
+    outcomes = []
+
+    def failing(_tag, outcome):
+        outcomes.append(outcome)
+        raise RuntimeError("a callback's own bug")
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="xcflushd.transport"):
+            for _ in range(30):
+                assert engine.submit_priority(request, failing)
+            wait_until(lambda: len(outcomes) == 30, 10, "every call's outcome")
+            box = []
+            worker = threading.Thread(target=lambda: box.append(_outcome(engine, unsendable)), daemon=True)
+            worker.start()
+            worker.join(10)
+    finally:
+        engine.close()
+    assert isinstance(box[0], BackendUnavailable) and "not sent" in str(box[0]), box
+    assert not any(isinstance(o, BackendUnavailable) for o in outcomes), outcomes[:3]
+    lines = [rec.getMessage() for rec in caplog.records if "callback failed" in rec.getMessage()]
+    assert 1 <= len(lines) <= 10 and "RuntimeError: a callback's own bug" in lines[0], lines
+    assert all("\n" not in line for line in lines)
+
+
+def _outcome(engine, request):
+    try:
+        return engine.request(request)
+    except Exception as exc:
+        return exc

@@ -38,6 +38,7 @@ import pycurl
 from . import __version__, metrics
 from .defaults import MAX_RESPONSE_BYTES
 from .errors import BackendUnavailable
+from .ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +226,7 @@ class Engine:
         self.selector.register(self._wake_r, select.EPOLLIN)
         self._fixed_headers = [f"X-3scale-User-Agent: plugin-python-xcflushd-v{__version__}"]
         self._cafile, self._capath = (ca_file, None) if ca_file else _system_ca()
+        self._callback_errors = RateLimitedLog(log, "backend call callback errors")
 
     # ---- building -------------------------------------------------------------
 
@@ -289,7 +291,7 @@ class Engine:
                 failed = []
             wake = self._sleeping
         for call in failed:
-            call.done(call.tag, BackendUnavailable(f"{call.request.path}: stopping"))
+            self._hand_over(call, BackendUnavailable(f"{call.request.path}: stopping"))
             if call.event is not None:
                 call.event.set()
         if wake and not failed:
@@ -471,7 +473,12 @@ class Engine:
                     call = self._flush.popleft()
                 else:
                     return
-            self._start(call)
+            try:
+                self._start(call)
+            except Exception as exc:  # a call that cannot start is one failed call, never a lost one
+                self._active = {h: s for h, s in self._active.items() if s.call is not call}
+                self._finish(call, BackendUnavailable(f"{call.request.path}: not sent ({type(exc).__name__})"),
+                             None, None)
 
     def _start(self, call: _Call) -> None:
         if self._down is not None:  # unreachable: fail now, not after a connect timeout of its own
@@ -542,12 +549,17 @@ class Engine:
                 self._priority_in_flight -= 1
         if seconds is not None:
             metrics.backend_call(call.request.endpoint, code, seconds)
+        self._hand_over(call, outcome)
+        if call.event is not None:
+            self._notify.add(call.event)
+
+    def _hand_over(self, call: _Call, outcome: Outcome) -> None:
+        """``call.done(tag, outcome)``; what it raises is logged (it may repeat on every call), never lost."""
         try:
             call.done(call.tag, outcome)
         except Exception as exc:
-            log.error("backend call callback error (%s: %s)", type(exc).__name__, str(exc)[:160])
-        if call.event is not None:
-            self._notify.add(call.event)
+            self._callback_errors.error("backend call %s: its callback failed (%s: %s)", call.request.path,
+                                        type(exc).__name__, " ".join(str(exc)[:160].split()))
 
     def _reason(self, errno: Optional[int], message: str, request: Request) -> str:
         # CURLE_TOO_LARGE (a head over libcurl's limits) comes without a message
@@ -609,7 +621,7 @@ class Engine:
             h.close()
         self._active.clear()
         for call in pending:  # never sent
-            call.done(call.tag, BackendUnavailable(f"{call.request.path}: {reason}"))
+            self._hand_over(call, BackendUnavailable(f"{call.request.path}: {reason}"))
             if call.event is not None:
                 self._notify.add(call.event)
         self._wake_callers()
