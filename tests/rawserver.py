@@ -1,4 +1,4 @@
-"""A raw TCP server on a free loopback port, for backends that break HTTP on purpose.
+"""A raw TCP server on a free loopback port, for backends that break HTTP (or the API) on purpose.
 
 Each connection goes to ``handle(conn, stopping)`` in a thread of its own and is
 closed afterwards; an ``OSError`` there (the client gave up first: a cap, a
@@ -57,3 +57,33 @@ def read_request(conn: socket.socket) -> Optional[Tuple[bytes, bytes]]:
             return None
         body += got
     return head, body
+
+
+# The backend's own one-line status document (the parser's fast path), with a max_value to fill in.
+STATUS_DOC = (b'<?xml version="1.0" encoding="UTF-8"?><status><authorized>true</authorized><plan>Basic</plan>'
+              b'<usage_reports><usage_report metric="hits" period="day"><period_start>2017-06-21 00:00:00 +0000'
+              b"</period_start><period_end>2017-06-22 00:00:00 +0000</period_end><max_value>%s</max_value>"
+              b"<current_value>1</current_value></usage_report></usage_reports></status>")
+HUGE = b"9" * 5000  # more digits than int() takes (sys.get_int_max_str_digits: 4300)
+
+
+class StatusServer(RawServer):
+    """A backend answering each authorize call with STATUS_DOC, its max_value
+    ``max_value[0](app_id)`` (a list, so a test can change it while the server
+    runs), and 202 to anything else."""
+
+    def __init__(self, max_value: list):
+        self.max_value = max_value
+        super().__init__(self._answer)
+
+    def _answer(self, conn: socket.socket, _stopping: threading.Event) -> None:
+        request = read_request(conn)
+        if request is None:
+            return
+        if b"authorize.xml" not in request[0].split(b"\r\n")[0]:
+            conn.sendall(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            return
+        app_id = request[0].split(b"app_id=")[1].split(b"&")[0].split(b" ")[0]
+        body = STATUS_DOC % self.max_value[0](app_id)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.3scale-v2.0+xml\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))

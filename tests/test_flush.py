@@ -240,3 +240,24 @@ def test_refusals_without_a_reason_are_retried_not_set_aside(sim, r, gateway, fl
     assert [o.dead_lettered for o in outcomes] == [0, 0, 0, 0]
     assert r.exists("xcflushd:dead_letter") == 0
     assert r.hgetall(report_key("555", A1)) == {"hits": "4"}
+
+
+def test_an_unreadable_authorize_answer_fails_that_application_only(r, gateway, redis_server):
+    from rawserver import HUGE, StatusServer
+
+    other = Credentials({"app_id": "free1"})
+    gateway.cache_report("555", A1, "hits")
+    gateway.cache_report("555", other, "hits")
+    server = StatusServer([lambda app_id: HUGE if app_id == b"a1b2c3" else b"1000"])
+    backend = make_client(server.url, ServiceCredentials("pk-test"), 2, 5)
+    try:
+        flusher = Flusher(Storage(connect(redis_server.url)), backend, FlushSettings(report_auth_wait=0))
+        result = flusher.flush_once()
+    finally:
+        backend.close()
+        server.close()
+    assert result.error is None, result.summary()
+    assert (result.delivered, result.authorized, result.auth_failures) == (2, 1, 1), result.summary()
+    assert "malformed usage_report" in result.backend_error
+    assert r.hget(auth_key("555", other), "hits") == "1"
+    assert leftovers(r) == []

@@ -6,6 +6,7 @@ import threading
 import time
 
 import redis as redislib
+from rawserver import HUGE, StatusServer
 from xcftest import DEMO_CONFIG, RedisServer
 
 from xcflushd.keys import Credentials, auth_key
@@ -106,3 +107,20 @@ def test_a_flood_of_failing_requests_logs_a_few_lines_not_one_each(sim, r, renew
             assert gateway.priority_authorization("9999", Credentials({"app_id": f"x{i}"}), "hits") is None
     failed = [rec for rec in caplog.records if "priority authorize" in rec.getMessage()]
     assert 1 <= len(failed) <= 10
+
+
+def test_an_unreadable_answer_fails_one_call_and_the_same_request_is_answered_after(r, renewer_for, caplog):
+    max_value = [lambda _app: HUGE]
+    server = StatusServer(max_value)
+    try:
+        renewer = renewer_for(server.url)
+        gateway = Gateway(r, priority_timeout=1.0)
+        with caplog.at_level(logging.WARNING, logger="xcflushd"):
+            assert gateway.priority_authorization("555", A1, "hits") is None
+        max_value[0] = lambda _app: b"1000"  # the backend recovers: the same (service, credentials, metric)
+        assert Gateway(r, priority_timeout=5.0).priority_authorization("555", A1, "hits") == "1"
+        assert renewer._in_flight == {}
+        failed = [rec.getMessage() for rec in caplog.records if "priority authorize" in rec.getMessage()]
+        assert len(failed) == 1 and "malformed usage_report" in failed[0], failed
+    finally:
+        server.close()

@@ -29,31 +29,10 @@ from .defaults import AUTH_REQUESTS_CHANNEL
 from .errors import BackendError, MalformedKey, StorageUnavailable
 from .keys import AUTHORIZED, AuthRequest, auth_key, denial_reason, parse_auth_request
 from .outage import OutageTracker
+from .ratelog import RateLimitedLog
 from .storage import Storage
 
 log = logging.getLogger(__name__)
-
-
-class RateLimitedLog:
-    """At most ``burst`` lines per ``window`` seconds; then one line saying how many were held back."""
-
-    def __init__(self, logger: logging.Logger, what: str, burst: int = 10, window: float = 10.0):
-        self.logger, self.what, self.burst, self.window = logger, what, burst, window
-        self.started, self.count, self.suppressed = 0.0, 0, 0
-        self.lock = threading.Lock()
-
-    def warning(self, msg: str, *args) -> None:
-        with self.lock:
-            now = time.monotonic()
-            if now - self.started >= self.window:
-                if self.suppressed:
-                    self.logger.warning("%d more %s were not logged", self.suppressed, self.what)
-                self.started, self.count, self.suppressed = now, 0, 0
-            self.count += 1
-            if self.count > self.burst:
-                self.suppressed += 1
-                return
-        self.logger.warning(msg, *args)
 
 
 #: Answers cached and published together in one round trip, at most.
@@ -204,10 +183,13 @@ class PriorityRenewer:
         answered: List[Tuple[str, float, bool]] = []   # (value, received, joined a call in flight)
         channels = set()
         allowed: List[Tuple[Tuple, List[Tuple[AuthRequest, float]], int]] = []
+        # Every call of the batch leaves the in-flight table at once, before anything can fail: an
+        # entry left behind would take every later identical request, and never answer it.
+        with self._lock:
+            waiting_for = {item[0]: self._in_flight.pop(item[0], []) for item in batch}
         for key, outcome in batch:
             # Answer everyone who asked while the call was in flight; later askers start a new call.
-            with self._lock:
-                waiting = self._in_flight.pop(key, [])
+            waiting = waiting_for.pop(key, [])
             service_id, creds, metric = key
             values = None
             allow_ttl = self.outage.allow_ttl(outcome, self.auth_ttl) if self.outage is not None else 0
