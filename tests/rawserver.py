@@ -70,10 +70,13 @@ HUGE = b"9" * 5000  # more digits than int() takes (sys.get_int_max_str_digits: 
 class StatusServer(RawServer):
     """A backend answering each authorize call with STATUS_DOC, its max_value
     ``max_value[0](app_id)`` (a list, so a test can change it while the server
-    runs), and 202 to anything else."""
+    runs), and ``report_status`` to anything else, after ``on_report()``: what
+    happens to Redis while a report call is in flight."""
 
-    def __init__(self, max_value: list):
+    def __init__(self, max_value: list, on_report: Callable[[], None] = lambda: None, report_status: int = 202):
         self.max_value = max_value
+        self.on_report = on_report
+        self.report_status = report_status
         super().__init__(self._answer)
 
     def _answer(self, conn: socket.socket, _stopping: threading.Event) -> None:
@@ -81,7 +84,9 @@ class StatusServer(RawServer):
         if request is None:
             return
         if b"authorize.xml" not in request[0].split(b"\r\n")[0]:
-            conn.sendall(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            self.on_report()
+            conn.sendall(b"HTTP/1.1 %d Whatever\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                         % self.report_status)
             return
         app_id = request[0].split(b"app_id=")[1].split(b"&")[0].split(b" ")[0]
         body = STATUS_DOC % self.max_value[0](app_id)

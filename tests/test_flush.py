@@ -2,13 +2,14 @@
 backend, auth hashes with TTL out, nothing left behind or lost."""
 
 import json
+import threading
 
 import pytest
 
 from xcflushd.backend import ServiceCredentials, make_client
 from xcflushd.flusher import Flusher, FlushSettings
 from xcflushd.keys import Credentials, auth_key, report_key
-from xcflushd.storage import Storage, connect
+from xcflushd.storage import Cycle, Storage, connect
 from xcflushd_sim.gateway import Gateway
 
 A1 = Credentials({"app_id": "a1b2c3", "app_key": "s3cr3t"})
@@ -261,3 +262,64 @@ def test_an_unreadable_authorize_answer_fails_that_application_only(r, gateway, 
     assert "malformed usage_report" in result.backend_error
     assert r.hget(auth_key("555", other), "hits") == "1"
     assert leftovers(r) == []
+
+
+def ended(flusher, bound=30.0):
+    """``flusher.flush_once()``'s result; a cycle still running after ``bound`` seconds (wedged) fails
+    the test, and is stopped."""
+    box = []
+    worker = threading.Thread(target=lambda: box.append(flusher.flush_once()), daemon=True)
+    worker.start()
+    worker.join(bound)
+    flusher.stop.set()
+    assert not worker.is_alive() and box, f"the flush cycle was still running after {bound}s"
+    flusher.stop.clear()
+    return box[0]
+
+
+def test_a_report_key_turned_into_a_string_while_its_call_fails_is_set_aside_and_cycles_go_on(
+        r, gateway, redis_server):
+    from rawserver import StatusServer
+
+    gateway.cache_report("555", A1, "hits", 3)
+    gateway.cache_report("555", A1, "search", 2)
+    key = report_key("555", A1)
+    server = StatusServer([lambda _app: b"1000"], on_report=lambda: r.set(key, "not a hash"), report_status=500)
+    backend = make_client(server.url, ServiceCredentials("pk-test"), 2, 5)
+    try:
+        flusher = Flusher(Storage(connect(redis_server.url)), backend, FlushSettings(report_auth_wait=0))
+        first = ended(flusher)
+        gateway.cache_report("555", ODD, "hits")
+        server.on_report = lambda: None
+        server.report_status = 202
+        second = ended(flusher)
+    finally:
+        backend.close()
+        server.close()
+    assert first.error is None and first.failed == 1, first.summary()
+    entry = json.loads(r.hget("xcflushd:dead_letter", next(iter(r.hkeys("xcflushd:dead_letter")))))
+    assert entry["usage"] == {"hits": 3, "search": 2}
+    assert "WRONGTYPE" in entry["reason"], entry
+    assert r.get(key) == "not a hash"  # the gateway's key is left as it is
+    assert second.ok and second.delivered == 1, second.summary()
+    assert leftovers(r) == [key]
+
+
+@pytest.mark.parametrize("field, value, why", [("search", "abc", "not an integer"),
+                                               ("search", str(2**63 - 2), "overflow")])
+def test_a_put_back_the_report_key_refuses_halfway_takes_back_what_it_added(r, redis_server, field, value, why):
+    """HINCRBY hits, then search fails: hits is taken back, the usage is set aside whole."""
+    from xcflushd.storage import HandOver
+
+    storage = Storage(connect(redis_server.url))
+    Gateway(r).cache_report("555", A1, "hits", 3)
+    Gateway(r).cache_report("555", A1, "search", 2)
+    cycle = Cycle.new()
+    owned = storage.hand_over(cycle, recover=False)
+    [report] = storage.read_reports(list(HandOver.items(owned)), cycle)
+    r.hset(report.report_key, mapping={"hits": "10", field: value})  # the gateway wrote meanwhile
+    assert storage.restore([report]) == 1
+    assert r.hgetall(report.report_key) == {"hits": "10", field: value}
+    [entry] = [json.loads(v) for v in r.hvals("xcflushd:dead_letter")]
+    assert entry["usage"] == {"hits": 3, "search": 2} and why in entry["reason"], entry
+    assert not r.exists(report.to_flush_key)

@@ -256,9 +256,27 @@ def connect(url: str, password: Optional[str] = None, pool_size: int = 32, timeo
 # after a lost reply applies it once. They run with ``allow-oom`` (Redis 7):
 # what they write is what they free, and a full Redis must not keep usage
 # out of the gateway's report hashes.
+# A put-back that fails halfway takes back the increments it made, exactly,
+# so the usage stays whole in its hand-over key. When the report key is what
+# refused it (WRONGTYPE: the gateway's key became a string meanwhile; a field
+# that is not an integer; an overflow), the script returns Redis's text, for
+# restore() to set the usage aside; any other error (OOM, NOPERM) is raised.
 _RESTORE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-for i = 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1]) end
+for i = 1, #ARGV, 2 do
+  local added = redis.pcall('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1])
+  if type(added) == 'table' and added.err then
+    for j = 1, i - 2, 2 do
+      if ARGV[j + 1] ~= '0' then redis.call('HINCRBY', KEYS[2], ARGV[j], '-' .. ARGV[j + 1]) end
+    end
+    local err = added.err
+    if string.find(err, '^WRONGTYPE') or string.find(err, 'not an integer', 1, true)
+        or string.find(err, 'overflow', 1, true) then
+      return err
+    end
+    return redis.error_reply(err)
+  end
+end
 redis.call('SADD', KEYS[3], KEYS[2])
 redis.call('DEL', KEYS[1])
 return 1
@@ -574,19 +592,28 @@ class Storage:
             pipe.execute()
 
     @_storage_errors
-    def restore(self, reports: Sequence[Report]) -> None:
+    def restore(self, reports: Sequence[Report]) -> int:
         """Put usage back where the gateway writes, to be retried next cycle.
 
         One idempotent script per report (see _RESTORE): a re-sent put-back
-        finds its hand-over key gone and adds nothing.
+        finds its hand-over key gone and adds nothing. A report whose report
+        key refuses its usage goes to the dead letter with Redis's reason;
+        returns how many did.
         """
         script = self._script("restore")
+        refused = []
         for chunk in iter_chunks(reports, self.chunk):
             pipe = self.redis.pipeline(transaction=False)
             for r in chunk:
                 args = [x for metric, value in r.usage.items() for x in (metric, value)]
                 script(keys=[r.to_flush_key, r.report_key, REPORT_KEYS_SET], args=args, client=pipe)
-            pipe.execute()
+            refused += [(r, done) for r, done in zip(chunk, pipe.execute()) if isinstance(done, str)]
+        for report, reason in refused:
+            reason = "could not put back, the report key refused it: " + " ".join(reason[:160].split())
+            self._dead_letter(report, reason, report.suffix)
+            log.error("set aside the usage of %s, moved to %s: %s", redact_key(report.report_key), DEAD_LETTER_HASH,
+                      reason)
+        return len(refused)
 
     @_storage_errors
     def count_failure(self, report: Report) -> int:
@@ -595,9 +622,12 @@ class Storage:
 
     @_storage_errors
     def dead_letter(self, report: Report, reason: str, cycle: Cycle) -> None:
+        self._dead_letter(report, reason, cycle.suffix)
+
+    def _dead_letter(self, report: Report, reason: str, suffix: str) -> None:
         self._script("dead_letter")(
             keys=[report.to_flush_key, DEAD_LETTER_HASH, FAILURES_HASH],
-            args=[report.report_key + cycle.suffix, _dead_letter_entry(report.usage, reason), report.report_key])
+            args=[report.report_key + suffix, _dead_letter_entry(report.usage, reason), report.report_key])
 
     # ---- authorizations ----------------------------------------------------
 
