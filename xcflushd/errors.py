@@ -41,6 +41,19 @@ class StorageUnavailable(XcflushdError):
     """Redis could not be reached (after the retry policy gave up) or answered an error to a command we need."""
 
 
+class StorageRefused(StorageUnavailable):
+    """Redis answered, and said no for a reason that waiting does not fix: a read-only
+    replica (READONLY), an ACL user without the permission (NOPERM) or a wrong
+    password, a key of our own replaced by another type (WRONGTYPE), persistence
+    failing (MISCONF).
+
+    An operator has to act. A flush cycle that meets it writes nothing more,
+    holds nothing and fails, counted and logged: what it could not move stays
+    in its hand-over keys for a later cycle. Callers that only know
+    StorageUnavailable treat it as one.
+    """
+
+
 class StorageFull(StorageUnavailable):
     """Redis refused a write because it is at ``maxmemory`` (``noeviction``).
 

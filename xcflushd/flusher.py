@@ -21,7 +21,7 @@ from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 from . import defaults, metrics
 from .authorizer import authorizations
 from .backend import BackendClient
-from .errors import BackendError, BackendRejected, MalformedKey, StorageFull, StorageUnavailable
+from .errors import BackendError, BackendRejected, MalformedKey, StorageFull, StorageRefused, StorageUnavailable
 from .keys import auth_key, denial_reason, iter_chunks, parse_report_key, redact_key
 from .outage import OutageTracker
 from .storage import Cycle, HandOver, Report, Storage
@@ -132,6 +132,7 @@ class Flusher:
         self.last_progress = time.monotonic()  # moves while a cycle works; for the watchdog
         self.held: List[Tuple[str, tuple]] = []  # outcomes not yet written: (what, arguments)
         self._redis_lost: Optional[str] = None
+        self._refused: Optional[StorageRefused] = None  # Redis said no to a write this cycle needed
         self._cycle: Optional[Cycle] = None
         self._renewed = 0.0
 
@@ -141,7 +142,7 @@ class Flusher:
         """Run one cycle. Never raises for Redis or backend trouble: see ``result.error``."""
         result = FlushResult()
         cycle = self._cycle = Cycle.new(self.owner)
-        self._redis_lost = None
+        self._redis_lost = self._refused = None
         clock = _PhaseClock(result)
         if self.outage is not None:
             self.outage.begin_cycle()
@@ -153,6 +154,8 @@ class Flusher:
                 to_authorize = self._report_all(owned, cycle, result)
             if self.held:
                 self._write_held(result)
+            if self._refused is not None:
+                raise self._refused  # a failed cycle: counted, logged, and the next one runs on time
             if not self.held:
                 self.storage.release_lease(cycle)
             if to_authorize and not self.stop.is_set():
@@ -215,11 +218,21 @@ class Flusher:
                 log.warning("could not %s, Redis is full: the usage stays in its hand-over key (%s)",
                             "put back reports" if what == "restore" else "dead-letter a report", exc)
                 return
+            except StorageRefused as exc:
+                self._refuse(exc)
             except StorageUnavailable as exc:
                 self._redis_lost = str(exc)
                 log.warning("Redis away (%s): no new backend calls; outcomes of the calls in flight are held "
                             "until it is back", exc)
         self.held.append((what, args))
+
+    def _refuse(self, exc: StorageRefused) -> None:
+        """Redis refuses a write no wait will fix: no new backend call; held outcomes get one more try."""
+        if self._refused is None:
+            self._refused = exc
+            self._redis_lost = str(exc)
+            log.error("Redis refused a write of this flush cycle (%s): no new backend calls, the cycle fails; "
+                      "what it could not write stays in its hand-over keys for a later cycle", exc)
 
     def _write(self, what: str, args: tuple) -> None:
         if what == "ack":
@@ -243,6 +256,9 @@ class Flusher:
                 self._renew_lease(force=True)
                 log.info("Redis is back: wrote %d held outcome(s)", result.held)
                 return
+            except StorageRefused as exc:
+                self._refuse(exc)
+                return  # an operator must act first: retrying each second would only look like an outage
             except StorageUnavailable as exc:
                 if last_try:
                     return
@@ -336,6 +352,9 @@ class Flusher:
                 # strings each) would stay alive while the chunk is batched.
                 confirmed = [_confirmed(c, r.usage) for c, r in zip(self.storage.cached_authorizations(
                     [auth_key(r.service_id, r.credentials) for r in reports]), reports)] if batching else []
+            except StorageRefused as exc:
+                self._refuse(exc)
+                return
             except StorageUnavailable as exc:
                 # The calls in flight finish and their outcomes are held; the
                 # unread reports stay in their hand-over keys.

@@ -48,7 +48,7 @@ from .defaults import (
     REPORT_KEYS_SET,
     TO_FLUSH_PREFIX,
 )
-from .errors import MalformedKey, StorageFull, StorageUnavailable
+from .errors import MalformedKey, StorageFull, StorageRefused, StorageUnavailable
 from .keys import (
     Credentials,
     iter_chunks,
@@ -143,10 +143,41 @@ class HandOver(NamedTuple):
         yield from self.adopted
 
 
+# Error replies that pass with time: a script running long, a dataset loading, a
+# replica without its master, a cluster slot moving, too few replicas to write to.
+_TRANSIENT = ("BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS")
+
+
 def storage_error(exc: redis.RedisError) -> StorageUnavailable:
-    """Our error for a redis-py one: StorageFull when Redis is at maxmemory."""
-    cls = StorageFull if _is_oom(exc) else StorageUnavailable
-    return cls(f"redis: {type(exc).__name__}: {str(exc)[:160]}")
+    """Our error for a redis-py one, by what the caller can do.
+
+    StorageFull when Redis is at maxmemory; StorageUnavailable (wait and
+    retry) for a lost connection, a timeout or a reply that passes with time;
+    StorageRefused for any other error reply (READONLY, NOPERM, WRONGTYPE, a
+    wrong password...): retrying it every second would only hide it.
+    """
+    if _is_oom(exc):
+        cls = StorageFull
+    elif isinstance(exc, redis.AuthenticationError) or not (
+            isinstance(exc, (redis.ConnectionError, redis.TimeoutError, redis.InvalidResponse))
+            or _reply_code(exc) in _TRANSIENT):
+        cls = StorageRefused
+    else:
+        cls = StorageUnavailable
+    return cls(f"redis: {type(exc).__name__}: {' '.join(_reply(exc)[:160].split())}")
+
+
+def _reply(exc: redis.RedisError) -> str:
+    """The error's text without redis-py's note on a pipeline's command: that quotes the
+    command's keys, and a report key holds application credentials."""
+    text = str(exc)
+    _, annotated, reply = text.partition(" of pipeline caused error: ")
+    return reply if annotated else text
+
+
+def _reply_code(exc: redis.RedisError) -> str:
+    """The error reply's code: its first word."""
+    return _reply(exc).split(" ", 1)[0]
 
 
 def _is_oom(exc) -> bool:

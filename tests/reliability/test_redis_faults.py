@@ -375,3 +375,109 @@ def test_sigterm_in_each_phase_exits_in_time_and_loses_nothing(phase, key_file, 
     written = {(k, m): n for (_, k, m), n in gateway.written.items()}
     assert {k: received[k] for k in written} == written, out[-3000:]
     assert "Traceback" not in out
+
+
+# ---- a Redis that refuses writes (READONLY, NOPERM) ----------------------------------------------
+
+def ended(flusher, recover=False, bound=30.0):
+    """``flush_once()``'s result; a cycle still running after ``bound`` seconds (wedged) fails the test."""
+    box = []
+    worker = threading.Thread(target=lambda: box.append(flusher.flush_once(recover)), daemon=True)
+    worker.start()
+    worker.join(bound)
+    flusher.stop.set()  # lets a wedged cycle end
+    assert not worker.is_alive() and box, f"the flush cycle was still running after {bound}s"
+    flusher.stop.clear()
+    return box[0]
+
+
+class Refusal:
+    """Makes a Redis refuse our writes, and takes it back: a replica of an empty master, or an ACL
+    user that loses @write."""
+
+    def __init__(self, kind, server):
+        self.kind = kind
+        self.admin = redis.Redis(port=server.port, decode_responses=True)
+        self.url = server.url
+        self.master = None
+        if kind == "acl":
+            self.admin.execute_command("ACL", "SETUSER", "xcf", "on", ">pw", "~*", "&*", "+@all")
+            self.url = f"redis://xcf:pw@127.0.0.1:{server.port}"
+        else:
+            self.master = RedisServer()
+
+    def refuse(self):
+        if self.kind == "acl":
+            self.admin.execute_command("ACL", "SETUSER", "xcf", "-@write")
+        else:
+            self.admin.execute_command("REPLICAOF", "127.0.0.1", str(self.master.port))
+
+    def take_back(self):
+        if self.kind == "acl":
+            self.admin.execute_command("ACL", "SETUSER", "xcf", "+@write")
+        else:
+            self.admin.execute_command("REPLICAOF", "NO", "ONE")
+
+    def close(self):
+        if self.master is not None:
+            self.master.close()
+
+
+@pytest.mark.parametrize("kind, says", [("replica", "ReadOnlyError"), ("acl", "NoPermissionError")])
+def test_a_redis_refusing_writes_mid_cycle_fails_that_cycle_and_the_next_ones_run(kind, says):
+    from rawserver import StatusServer
+
+    from xcflushd.backend import ServiceCredentials, make_client
+    from xcflushd.flusher import Flusher, FlushSettings
+
+    own = RedisServer()
+    refusal = Refusal(kind, own)
+    server = StatusServer([lambda _app: b"1000"], on_report=refusal.refuse)
+    backend = make_client(server.url, ServiceCredentials("pk-test"), 2, 5)
+    try:
+        Gateway(refusal.admin).cache_report("555", Credentials({"app_id": "a1b2c3"}), "hits", 3)
+        flusher = Flusher(Storage(connect(refusal.url)), backend, FlushSettings(report_auth_wait=0))
+        refused = [ended(flusher) for _ in range(3)]  # mid-cycle, then at the start of each
+        refusal.take_back()
+        server.on_report = lambda: None
+        Gateway(refusal.admin).cache_report("555", Credentials({"app_id": "free1"}), "hits")
+        after = ended(flusher, recover=True)
+    finally:
+        backend.close()
+        server.close()
+        refusal.close()
+        own.close()
+    assert says in refused[0].error and "a1b2c3" not in refused[0].error, refused[0].summary()  # no key quoted
+    for result in refused:
+        assert result.error and result.error.startswith("StorageRefused"), result.summary()
+    assert refused[0].delivered == 1 and refused[0].held == 1, refused[0].summary()
+    assert after.error is None and after.delivered >= 1, after.summary()
+
+
+@pytest.mark.slow
+def test_a_daemon_whose_redis_becomes_a_replica_counts_failed_cycles_and_keeps_running(key_file, daemon_process):
+    from rawserver import StatusServer
+
+    own = RedisServer()
+    refusal = Refusal("replica", own)
+    server = StatusServer([lambda _app: b"1000"], on_report=refusal.refuse)
+    try:
+        Gateway(refusal.admin).cache_report("555", Credentials({"app_id": "a1b2c3"}), "hits", 3)
+        daemon = daemon_process(["run", "--redis", own.address, "--backend", server.url, "--provider-key-file",
+                                 str(key_file), "-c", "/dev/null", "--frequency", "1", "--report-auth-wait", "0"])
+        daemon.wait_for(READY, timeout=30)
+
+        def failed_cycles():
+            text = urllib.request.urlopen(f"http://{daemon.metrics_address}/metrics", timeout=5).read().decode()
+            found = re.search(r'^xcflushd_flush_cycles_total\{result="failed"\} (\S+)$', text, re.M)
+            return float(found.group(1)) if found else 0.0
+
+        wait_until(lambda: failed_cycles() >= 3, 30, what="three failed cycles, counted")
+        assert daemon.stop() == 0
+        out = daemon.output()
+    finally:
+        server.close()
+        refusal.close()
+        own.close()
+    assert "Redis refused a write of this flush cycle" in out, out[-3000:]
+    assert out.count("flush cycle failed") >= 3, out[-3000:]
