@@ -124,3 +124,20 @@ def test_an_unreadable_answer_fails_one_call_and_the_same_request_is_answered_af
         assert len(failed) == 1 and "malformed usage_report" in failed[0], failed
     finally:
         server.close()
+
+
+def test_the_listeners_connection_finds_a_silent_redis_by_tcp_keepalive(redis_server):
+    """Set by us, not left to redis-py's default: it has it only since 8.0 (measured: 7.2 had none)."""
+    import socket
+
+    from xcflushd.storage import connect
+
+    pubsub = connect(redis_server.url).pubsub()
+    try:
+        pubsub.subscribe("xc_channel_auth_requests")
+        sock = pubsub.connection._sock
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert [sock.getsockopt(socket.IPPROTO_TCP, option) for option in
+                (socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT)] == [30, 5, 3]
+    finally:
+        pubsub.close()
