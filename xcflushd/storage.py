@@ -160,7 +160,7 @@ def storage_error(exc: redis.RedisError) -> StorageUnavailable:
         cls = StorageFull
     elif isinstance(exc, redis.AuthenticationError) or not (
             isinstance(exc, (redis.ConnectionError, redis.TimeoutError, redis.InvalidResponse))
-            or _reply_code(exc) in _TRANSIENT):
+            or isinstance(exc, redis.ResponseError) and _reply_code(exc) in _TRANSIENT):
         cls = StorageRefused
     else:
         cls = StorageUnavailable
@@ -182,7 +182,7 @@ def _reply_code(exc: redis.RedisError) -> str:
 
 def _is_oom(exc) -> bool:
     return isinstance(exc, redis.OutOfMemoryError) or (
-        isinstance(exc, redis.ResponseError) and str(exc).startswith("OOM"))
+        isinstance(exc, redis.ResponseError) and _reply(exc).startswith("OOM"))
 
 
 def _storage_errors(method):

@@ -34,6 +34,8 @@ from chaoslib import (
     usage_in_redis,
     wait_until,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from xcftest import RedisServer
 
 from xcflushd import heartbeat
@@ -481,3 +483,33 @@ def test_a_daemon_whose_redis_becomes_a_replica_counts_failed_cycles_and_keeps_r
         own.close()
     assert "Redis refused a write of this flush cycle" in out, out[-3000:]
     assert out.count("flush cycle failed") >= 3, out[-3000:]
+
+
+REPLIES = st.one_of(st.text(max_size=300), st.sampled_from(["BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN", "READONLY",
+                                                            "NOPERM", "WRONGTYPE", "OOM", "MISCONF", "ERR"]).flatmap(
+    lambda code: st.text(max_size=200).map(lambda rest: f"{code} {rest}")))
+
+
+@settings(max_examples=300, deadline=None)
+@given(reply=REPLIES, in_pipeline=st.booleans(),
+       cls=st.sampled_from([redis.ResponseError, redis.exceptions.ReadOnlyError, redis.exceptions.NoPermissionError,
+                            redis.ConnectionError, redis.TimeoutError, redis.OutOfMemoryError, redis.DataError]))
+def test_every_redis_error_is_one_line_of_one_of_three_kinds_and_quotes_no_key(reply, in_pipeline, cls):
+    from xcflushd.errors import StorageFull, StorageRefused, StorageUnavailable
+    from xcflushd.storage import storage_error
+
+    secret = "to_flush:report,service_id:1,app_id:a,app_key:Ks3cr3t_x"
+    text = f"Command # 3 (DEL {secret}) of pipeline caused error: {reply}" if in_pipeline else reply
+    error = storage_error(cls(text))
+    message = str(error)
+    assert "\n" not in message and "\r" not in message and len(message) < 300, message
+    assert "Ks3cr3t" not in message or "Ks3cr3t" in reply
+    reply_to_a_command = issubclass(cls, redis.ResponseError)
+    if cls in (redis.ConnectionError, redis.TimeoutError):
+        assert type(error) is StorageUnavailable
+    elif cls is redis.OutOfMemoryError or reply_to_a_command and reply.startswith("OOM"):
+        assert type(error) is StorageFull
+    elif reply_to_a_command and reply.split(" ", 1)[0] in ("BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN"):
+        assert type(error) is StorageUnavailable
+    else:
+        assert type(error) is StorageRefused, (cls, reply)
