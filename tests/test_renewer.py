@@ -127,7 +127,9 @@ def test_an_unreadable_answer_fails_one_call_and_the_same_request_is_answered_af
 
 
 def test_the_listeners_connection_finds_a_silent_redis_by_tcp_keepalive(redis_server):
-    """Set by us, not left to redis-py's default: it has it only since 8.0 (measured: 7.2 had none)."""
+    """Set by us, not left to redis-py's default: it has keepalive only since 8.0 (measured: 7.2 had
+    none), and no TCP_USER_TIMEOUT, without which the health check's unanswered PING kept a silent
+    Redis's connection open for the kernel's ~15 min of retransmissions."""
     import socket
 
     from xcflushd.storage import connect
@@ -138,6 +140,7 @@ def test_the_listeners_connection_finds_a_silent_redis_by_tcp_keepalive(redis_se
         sock = pubsub.connection._sock
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
         assert [sock.getsockopt(socket.IPPROTO_TCP, option) for option in
-                (socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT)] == [30, 5, 3]
+                (socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT, socket.TCP_USER_TIMEOUT)] == \
+            [30, 5, 3, 45_000]
     finally:
         pubsub.close()

@@ -269,12 +269,17 @@ def _command_packer():
 
 
 # TCP keepalive on every connection: the pub/sub listener only reads, and without
-# it a Redis host gone silent (no FIN, no RST) would keep it waiting for good.
-# redis-py turns it on by default only since 8.0; these are 8.0's probes (a dead
-# peer is found in about 45 s).
+# it a Redis host gone silent (no FIN, no RST) would keep it waiting. redis-py
+# turns it on by default only since 8.0; these are 8.0's probes. Keepalive stays
+# quiet while data is unacknowledged, and the listener's health-check PING is
+# (every 30 s): TCP_USER_TIMEOUT ends such a connection after 45 s, where the
+# kernel's retransmissions took ~15 min. Measured, every packet dropped: the
+# listener noticed after 87 s, and not within 200 s without it.
 _KEEPALIVE = {option: value for option, value in ((getattr(socket, "TCP_KEEPIDLE", None), 30),
                                                   (getattr(socket, "TCP_KEEPINTVL", None), 5),
-                                                  (getattr(socket, "TCP_KEEPCNT", None), 3)) if option is not None}
+                                                  (getattr(socket, "TCP_KEEPCNT", None), 3),
+                                                  (getattr(socket, "TCP_USER_TIMEOUT", None), 45_000))
+              if option is not None}
 
 
 def connect(url: str, password: Optional[str] = None, pool_size: int = 32, timeout: float = 10.0,
