@@ -144,8 +144,12 @@ class HandOver(NamedTuple):
 
 
 # Error replies that pass with time: a script running long, a dataset loading, a
-# replica without its master, a cluster slot moving, too few replicas to write to.
-_TRANSIENT = ("BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS")
+# replica without its master, a cluster slot moving, too few replicas to write to,
+# a script cache emptied by a restart (the next try loads the scripts again).
+# redis-py turns some into classes of their own and cuts the code off the text.
+_TRANSIENT = ("BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS", "NOSCRIPT")
+_TRANSIENT_CLASSES = tuple(c for c in (getattr(redis.exceptions, name, None) for name in (
+    "MasterDownError", "TryAgainError", "ClusterDownError", "NoScriptError")) if isinstance(c, type))
 
 
 def storage_error(exc: redis.RedisError) -> StorageUnavailable:
@@ -159,7 +163,7 @@ def storage_error(exc: redis.RedisError) -> StorageUnavailable:
     if _is_oom(exc):
         cls = StorageFull
     elif isinstance(exc, redis.AuthenticationError) or not (
-            isinstance(exc, (redis.ConnectionError, redis.TimeoutError, redis.InvalidResponse))
+            isinstance(exc, (redis.ConnectionError, redis.TimeoutError, redis.InvalidResponse, *_TRANSIENT_CLASSES))
             or isinstance(exc, redis.ResponseError) and _reply_code(exc) in _TRANSIENT):
         cls = StorageRefused
     else:

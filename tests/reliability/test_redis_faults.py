@@ -493,7 +493,8 @@ REPLIES = st.one_of(st.text(max_size=300), st.sampled_from(["BUSY", "LOADING", "
 @settings(max_examples=300, deadline=None)
 @given(reply=REPLIES, in_pipeline=st.booleans(),
        cls=st.sampled_from([redis.ResponseError, redis.exceptions.ReadOnlyError, redis.exceptions.NoPermissionError,
-                            redis.ConnectionError, redis.TimeoutError, redis.OutOfMemoryError, redis.DataError]))
+                            redis.ConnectionError, redis.TimeoutError, redis.OutOfMemoryError, redis.DataError,
+                            redis.exceptions.NoScriptError]))
 def test_every_redis_error_is_one_line_of_one_of_three_kinds_and_quotes_no_key(reply, in_pipeline, cls):
     from xcflushd.errors import StorageFull, StorageRefused, StorageUnavailable
     from xcflushd.storage import storage_error
@@ -509,7 +510,8 @@ def test_every_redis_error_is_one_line_of_one_of_three_kinds_and_quotes_no_key(r
         assert type(error) is StorageUnavailable
     elif cls is redis.OutOfMemoryError or reply_to_a_command and reply.startswith("OOM"):
         assert type(error) is StorageFull
-    elif reply_to_a_command and reply.split(" ", 1)[0] in ("BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN"):
+    elif cls is redis.exceptions.NoScriptError or reply_to_a_command and reply.split(" ", 1)[0] in (
+            "BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN", "NOSCRIPT"):
         assert type(error) is StorageUnavailable
     else:
         assert type(error) is StorageRefused, (cls, reply)
