@@ -291,7 +291,7 @@ class Engine:
                 failed = []
             wake = self._sleeping
         for call in failed:
-            self._hand_over(call, BackendUnavailable(f"{call.request.path}: stopping"))
+            self._run_done(call, BackendUnavailable(f"{call.request.path}: stopping"))
             if call.event is not None:
                 call.event.set()
         if wake and not failed:
@@ -549,11 +549,11 @@ class Engine:
                 self._priority_in_flight -= 1
         if seconds is not None:
             metrics.backend_call(call.request.endpoint, code, seconds)
-        self._hand_over(call, outcome)
+        self._run_done(call, outcome)
         if call.event is not None:
             self._notify.add(call.event)
 
-    def _hand_over(self, call: _Call, outcome: Outcome) -> None:
+    def _run_done(self, call: _Call, outcome: Outcome) -> None:
         """``call.done(tag, outcome)``; what it raises is logged (it may repeat on every call), never lost."""
         try:
             call.done(call.tag, outcome)
@@ -621,7 +621,7 @@ class Engine:
             h.close()
         self._active.clear()
         for call in pending:  # never sent
-            self._hand_over(call, BackendUnavailable(f"{call.request.path}: {reason}"))
+            self._run_done(call, BackendUnavailable(f"{call.request.path}: {reason}"))
             if call.event is not None:
                 self._notify.add(call.event)
         self._wake_callers()
