@@ -423,6 +423,14 @@ HOSTILE_DOCUMENTS = [
     b"<status><authorized>true</authorized><reason>\x00</reason></status>",
     b"", b"<", b"<status>", b"<status><authorized>true</authorized></status><status/>",
     b'<error code="' + b"c" * 500_000 + b'">' + b"m\nline two\r\n" * 1000 + b"</error>",
+    # the backend's own one-line document (the parser's fast path): a number int() refuses (over
+    # 4300 digits), and the response cap filled with the longest numbers it takes
+    b'<?xml version="1.0" encoding="UTF-8"?><status><authorized>true</authorized><plan>p</plan><usage_reports>'
+    b'<usage_report metric="m" period="day"><max_value>' + b"9" * 5000 + b"</max_value><current_value>1"
+    b"</current_value></usage_report></usage_reports></status>",
+    b'<?xml version="1.0" encoding="UTF-8"?><status><authorized>true</authorized><plan>p</plan><usage_reports>'
+    + b'<usage_report metric="m" period="day"><max_value>' + b"9" * 4300 + b"</max_value><current_value>"
+    + b"9" * 4300 + b"</current_value></usage_report>" * 120 + b"</usage_reports></status>",
 ]
 
 
