@@ -42,7 +42,8 @@ ECHO = object()                        # a piece of the script: the request head
 
 class RawServer(rawserver.RawServer):
     """Each connection: read one request (head and Content-Length body), answer with the
-    current script (bytes pieces; a float is a pause), then close. Counts requests."""
+    current script (bytes pieces; a float is a pause, an Event is waited for, a callable
+    is called), then close. Counts requests."""
 
     def __init__(self):
         self.script: List[Union[bytes, float, object]] = [b""]
@@ -59,6 +60,11 @@ class RawServer(rawserver.RawServer):
             if isinstance(piece, float):
                 if stopping.wait(piece):
                     return
+            elif isinstance(piece, threading.Event):
+                if not piece.wait(ENDED_WITHIN):
+                    return
+            elif callable(piece):
+                piece()
             else:
                 conn.sendall(request[0] if piece is ECHO else piece)
         conn.shutdown(socket.SHUT_WR)
@@ -327,13 +333,19 @@ def test_junk_after_an_answer_is_not_the_next_answer(raw_server):
     strict, so that a libcurl that checks will say so.
 
     Only a second call within a second of the first shows it: libcurl checks a connection
-    idle for longer. A loaded machine may take longer, so such a try is made again."""
+    idle for longer. The junk is written only once the first call has ended: written with
+    the answer, a slow reader would find it in the same read and drop the connection. A
+    loaded machine may take longer than a second, so such a try is made again."""
     for _ in range(5):
         engine = Engine(raw_server.url, CONNECT_TIMEOUT, READ_TIMEOUT)
+        answered, junk_sent = threading.Event(), threading.Event()
         try:
-            raw_server.script = [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 0.001, b"JUNK"]
+            raw_server.script = [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", answered, b"JUNK",
+                                 junk_sent.set]
             assert isinstance(_call(engine, "GET")[0], Response)
             first_done = time.monotonic()
+            answered.set()
+            assert junk_sent.wait(ENDED_WITHIN)
             raw_server.script = [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
             outcome, _ = _call(engine, "GET")
             within_a_second = time.monotonic() - first_done < 1.0
