@@ -31,6 +31,9 @@ from .storage import Storage, connect
 
 log = logging.getLogger(__name__)
 
+TERM_MARGIN = 5.0  # seconds to write the outcomes of the last backend calls before a stop gives up
+
+
 def _clock(ts: Optional[float]) -> str:
     return time.strftime("%H:%M:%SZ", time.gmtime(ts)) if ts else "-"
 
@@ -48,7 +51,8 @@ class Daemon:
         self.backend = client_for(s, ServiceCredentials(s.provider_key, s.service_tokens),
                                   priority_concurrency=s.prio_threads, priority_queue=defaults.PRIO_QUEUE,
                                   max_connections=s.threads + s.prio_threads + 8)
-        self.heartbeat = Heartbeat(self.redis, s.frequency, self.stop)
+        # Its own stop: it beats on after SIGTERM, until the cycle in progress has ended.
+        self.heartbeat = Heartbeat(self.redis, s.frequency, threading.Event())
         self.outage = OutageTracker(s.backend_outage, s.max_stale)
         self.backend.observer = self.outage.observe
         self.heartbeat.record["outage"] = self.outage.snapshot()
@@ -201,12 +205,18 @@ class Daemon:
     def _shutdown(self) -> int:
         s = self.settings
         self.notifier.stopping("stopping: finishing the flush cycle in progress")
-        deadline = time.monotonic() + s.max_term_wait
+        # No backend call starts after SIGTERM, and one in flight ends within
+        # connect + read timeout: an exit before then could leave usage in Redis
+        # that the backend applies, and count it twice.
+        wait = max(s.max_term_wait, s.connect_timeout + s.read_timeout + TERM_MARGIN)
+        if wait > s.max_term_wait:
+            log.info("stop: waiting up to %ss, the backend calls in flight may take that long", wait)
+        deadline = time.monotonic() + wait
         while not self.scheduler.join(timeout=1.0):
             left = deadline - time.monotonic()
             if left <= 0:
                 log.warning("stop: cycle still running after %ss; its unacknowledged usage stays in Redis "
-                            "and a later cycle recovers it", s.max_term_wait)
+                            "and a later cycle recovers it", wait)
                 logging.shutdown()
                 os._exit(0)  # pool threads may sit in a backend call; the data is safe in Redis
             self.notifier.extend_timeout(min(left, 5.0) + 1.0)

@@ -179,9 +179,12 @@ class Flusher:
     def _take_lease(self, cycle: Cycle) -> None:
         try:
             self.storage.take_lease(cycle, self.settings.lease_ttl)
-        except StorageFull as exc:  # only before Redis 7; the heartbeat still vouches for us
+        except StorageFull as exc:  # only before Redis 7
             metrics.degraded_write("lease")
-            log.warning("flush cycle without a lease, Redis is full: %s", exc)
+            # Without a lease or a heartbeat, other daemons would take our keys for a dead cycle's.
+            if not self.storage.vouched(cycle.owner):
+                raise StorageFull(f"no lease and no heartbeat to vouch for the cycle, not run: {exc}") from None
+            log.warning("flush cycle without a lease, Redis is full; the heartbeat vouches for it: %s", exc)
         self._renewed = time.monotonic()
 
     def _renew_lease(self, force: bool = False) -> None:

@@ -64,7 +64,7 @@ def cycle_record(result) -> Dict[str, Any]:
 
 
 class Heartbeat:
-    """One daemon's record, kept fresh by a thread of its own until ``stop`` is set."""
+    """One daemon's record, kept fresh by a thread of its own until ``stop`` is set (``clear`` sets it)."""
 
     def __init__(self, client, frequency: float, stop: threading.Event, interval: float = INTERVAL,
                  ttl: int = TTL, clock=time.time):
@@ -116,7 +116,12 @@ class Heartbeat:
             return False
 
     def clear(self) -> None:
-        """A clean stop: the record goes at once, so nobody waits out its TTL."""
+        """A clean stop: the record goes at once, so nobody waits out its TTL.
+
+        Only once the daemon's cycle has ended: until then the record vouches
+        for the cycle's hand-over keys (storage._dead).
+        """
+        self.stop.set()
         if self._thread is not None:
             self._thread.join(2.0)  # no beat may land after the delete
         try:

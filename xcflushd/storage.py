@@ -7,9 +7,10 @@ kill at any moment leaves each unit of usage in exactly one place, and each is
 harmless when the retry policy sends it twice (docs/guarantees.md lists them).
 
 A cycle works under a lease (``xcflushd:lease:<cycle id>``, with a TTL it
-keeps renewing). Hand-over keys whose cycle holds no lease belong to a cycle
-that died; a later cycle finds them with SCAN and adopts them with RENAMENX,
-which only one adopter can win.
+keeps renewing) and, in a daemon, under its heartbeat. Hand-over keys whose
+cycle nothing vouches for belong to a cycle that died (see ``_dead``); a
+later cycle finds them with SCAN and adopts them with RENAMENX, which only
+one adopter can win.
 
 Redis objects here are shared between threads through the client's connection
 pool; no Pipeline or PubSub object crosses threads.
@@ -83,9 +84,11 @@ class Report(NamedTuple):
 class Cycle(NamedTuple):
     """Names one flush cycle's hand-over keys: unique across processes and seconds.
 
-    ``owner`` (the lease's value) says who runs it: a daemon's heartbeat id
+    ``owner`` (in the lease) says who runs it: a daemon's heartbeat id
     (``host:pid:random``), or ``flush:host:pid`` for a one-shot ``xcflushd
-    flush``, which keeps no heartbeat.
+    flush``, which keeps no heartbeat. A daemon's cycle ids begin with its
+    heartbeat id's random part, so its heartbeat vouches for a cycle whose
+    lease Redis refused or let expire.
     """
 
     id: str
@@ -94,7 +97,7 @@ class Cycle(NamedTuple):
 
     @classmethod
     def new(cls, owner: str = "") -> "Cycle":
-        cycle_id = secrets.token_hex(6)
+        cycle_id = (daemon_token(owner) or secrets.token_hex(3)) + secrets.token_hex(3)
         return cls(cycle_id, time.strftime("_%Y%m%d%H%M%S", time.gmtime()) + "_" + cycle_id,
                    owner or one_shot_owner())
 
@@ -103,8 +106,40 @@ def one_shot_owner() -> str:
     return f"flush:{socket.gethostname()}:{os.getpid()}"
 
 
-def _process_gone(owner: str) -> bool:
-    """The owner ran on this host and its process is gone (no need to wait for TTLs)."""
+def daemon_token(owner: str) -> Optional[str]:
+    """The random part of a daemon's heartbeat id (``host:pid:random``); None for a one-shot's."""
+    token = owner.rpartition(":")[2]
+    if owner.startswith("flush:") or len(token) != 6 or token.strip("0123456789abcdef"):
+        return None
+    return token
+
+
+def process_namespace() -> str:
+    """This kernel boot and PID namespace: a pid means the same process only where this is the same."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            boot = fh.read().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""  # no /proc: no pid is ever taken for a process of ours
+
+
+_NAMESPACE = process_namespace()
+
+
+def lease_value(owner: str) -> str:
+    return f"{owner} {_NAMESPACE}" if _NAMESPACE else owner
+
+
+def _process_gone(owner: str, namespace: str) -> bool:
+    """The owner's process is provably gone: it ran in our PID namespace and its pid is free.
+
+    A host name alone says too little: containers with the host's network
+    (and name) each have PID namespaces of their own, where another's pid is
+    free while it lives.
+    """
+    if not namespace or namespace != _NAMESPACE:
+        return False
     parts = owner.split(":")
     if parts[0] == "flush":
         parts = parts[1:]
@@ -431,12 +466,23 @@ class Storage:
     def set_record(self, key: str, value: str, ttl: int) -> None:
         """SET key value EX ttl, even when Redis is full (Redis >= 7): a few bytes
         that say who owns what (a lease, a daemon's heartbeat)."""
-        self._script("set_ex")(keys=[key], args=[value, ttl])
+        try:
+            self._script("set_ex")(keys=[key], args=[value, ttl])
+        except redis.RedisError as exc:
+            # Before Redis 7 a full Redis refuses the SET, not EXPIRE (it needs
+            # no memory): a record that exists lives on, with what it said.
+            if not _is_oom(exc) or not self.redis.expire(key, ttl):
+                raise
 
     def take_lease(self, cycle: Cycle, ttl: int) -> None:
-        self.set_record(LEASE_PREFIX + cycle.id, cycle.owner, ttl)
+        self.set_record(LEASE_PREFIX + cycle.id, lease_value(cycle.owner), ttl)
 
     renew_lease = take_lease
+
+    @_storage_errors
+    def vouched(self, owner: str) -> bool:
+        """A live heartbeat stands for the owner's cycles (a one-shot flush has none)."""
+        return daemon_token(owner) is not None and bool(self.redis.exists(HEARTBEAT_PREFIX + owner))
 
     @_storage_errors
     def release_lease(self, cycle: Cycle) -> None:
@@ -473,11 +519,13 @@ class Storage:
         return HandOver(renamed, cycle.suffix, self._adopt(orphans, cycle.suffix))
 
     def _dead(self, names: Iterable[str], prefix: str, current: Cycle) -> List[str]:
-        """Those hand-over keys whose cycle is over: no lease, or a lease whose owner is gone.
+        """Those hand-over keys whose cycle is over: nothing vouches for its owner.
 
-        A daemon's lease outlives it by up to LEASE_TTL; its heartbeat by
-        at most heartbeat.TTL, and on this host its process id says at once.
-        So a dead daemon's keys are adopted in seconds, not after the lease.
+        A daemon's heartbeat vouches for its cycles, leased or not (a lease
+        Redis refused, or let expire while its renewals failed): the cycle id
+        names the daemon. A one-shot flush has only its lease. A daemon's
+        lease outlives it by up to LEASE_TTL, its heartbeat by at most
+        its TTL (heartbeat.py), and a pid in our own PID namespace says at once.
         """
         by_cycle: Dict[Optional[str], List[str]] = {}
         for name in names:
@@ -490,18 +538,28 @@ class Storage:
         if not by_cycle:
             return []
         ids = [c for c in by_cycle if c is not None and c != current.id]
-        owners = dict(zip(ids, self.redis.mget([LEASE_PREFIX + c for c in ids]))) if ids else {}
-        daemons = sorted({o for o in owners.values() if o and not o.startswith("flush:") and o.count(":") >= 2})
+        leases = dict(zip(ids, self.redis.mget([LEASE_PREFIX + c for c in ids]))) if ids else {}
+        owners = {c: tuple(v.partition(" ")[::2]) for c, v in leases.items() if v is not None}
+        daemons = sorted({o for o, _ in owners.values() if daemon_token(o)})
         beating = dict(zip(daemons, self.redis.mget([HEARTBEAT_PREFIX + d for d in daemons]))) if daemons else {}
+        ours = daemon_token(current.owner)
+        tokens: Optional[set] = None
         alive = {current.id}
-        for cycle_id, owner in owners.items():
-            if owner is None or owner == current.owner:
-                continue  # no lease, or one of our own cycles that is over (we run one at a time)
-            if owner in beating and beating[owner] is None:
-                continue  # its daemon's heartbeat is gone
-            if _process_gone(owner):
+        for cycle_id in ids:
+            if cycle_id in owners:
+                owner, namespace = owners[cycle_id]
+                if owner == current.owner or _process_gone(owner, namespace):
+                    continue  # one of our own cycles that is over (we run one at a time), or a dead process
+                if owner not in beating or beating[owner] is not None:
+                    alive.add(cycle_id)
                 continue
-            alive.add(cycle_id)
+            if cycle_id[:6] == ours:
+                continue
+            if tokens is None:
+                tokens = {daemon_token(key[len(HEARTBEAT_PREFIX):])
+                          for key in self.redis.scan_iter(match=HEARTBEAT_PREFIX + "*", count=1000)}
+            if cycle_id[:6] in tokens:
+                alive.add(cycle_id)  # no lease, but its daemon's heartbeat is live
         # Keys without a cycle id were written by the Ruby daemon, which this one replaces.
         return [n for c, names_ in by_cycle.items() if c not in alive for n in names_]
 
