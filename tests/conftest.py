@@ -42,8 +42,8 @@ def sim():
 def daemon_process():
     started = []
 
-    def start(args, env=None):
-        proc = DaemonProcess(args, env)
+    def start(args, env=None, wrapper=()):
+        proc = DaemonProcess(args, env, wrapper=wrapper)
         started.append(proc)
         return proc
 

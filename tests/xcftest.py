@@ -113,7 +113,7 @@ DEMO_CONFIG = {
 class DaemonProcess:
     """``xcflushd`` as a real process, output captured to a file."""
 
-    def __init__(self, args, env=None, cwd=None):
+    def __init__(self, args, env=None, cwd=None, wrapper=()):
         self.log_path = tempfile.mktemp(prefix="xcf-daemon-", suffix=".log")
         self.log = open(self.log_path, "w")
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("XCFLUSHD_")}
@@ -122,7 +122,8 @@ class DaemonProcess:
         full_env.update(env or {})
         self.metrics_address = full_env.get("XCFLUSHD_METRICS_LISTEN")
         full_env = {k: v for k, v in full_env.items() if v is not None}  # None: unset it
-        self.proc = subprocess.Popen([sys.executable, "-m", "xcflushd", *args], stdout=self.log,
+        # wrapper: a command that runs the daemon (e.g. unshare); proc is then the wrapper's process.
+        self.proc = subprocess.Popen([*wrapper, sys.executable, "-m", "xcflushd", *args], stdout=self.log,
                                      stderr=subprocess.STDOUT, env=full_env, cwd=cwd)
 
     def output(self) -> str:
