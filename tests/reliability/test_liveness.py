@@ -120,7 +120,8 @@ def test_sigterm_during_a_slow_report_with_a_second_daemon_watching_counts_nothi
     try:
         with Simulator(chaos_config(), latency=19.0) as sim:
             first = daemon_process(daemon_args(redis_server, sim, key_file, frequency=600,
-                                               **{"backend-read-timeout": 25, "max-term-wait": 30}))
+                                               **{"auth-ttl": 600, "backend-read-timeout": 25,
+                                                  "max-term-wait": 30}))
             reports_in_flight(sim, 4)
             sim.latency = 0.0  # the watching daemon's own calls are quick: any adoption counts at once
             first.proc.send_signal(15)
@@ -234,7 +235,8 @@ def test_a_stop_waits_out_a_report_call_longer_than_max_term_wait(key_file, daem
     try:
         with Simulator(chaos_config(), latency=4.0) as sim:
             daemon = daemon_process(daemon_args(redis_server, sim, key_file, frequency=600,
-                                                **{"backend-read-timeout": 6, "max-term-wait": 1}))
+                                                **{"auth-ttl": 600, "backend-read-timeout": 6,
+                                                   "max-term-wait": 1}))
             reports_in_flight(sim, 2)
             daemon.proc.send_signal(15)
             assert daemon.proc.wait(20) == 0
