@@ -194,8 +194,29 @@ def test_a_one_shot_flush_without_a_lease_does_not_run(monkeypatch):
     assert calls == 0 and pending == 2
 
 
+def test_a_full_redis_before_7_keeps_a_heartbeat_that_exists(monkeypatch):
+    """The SET is refused, EXPIRE is not: the record keeps vouching, with what it said last."""
+    monkeypatch.setattr(storage_module, "ALLOW_OOM", "")
+    redis_server = RedisServer()
+    client = no_retry_client(redis_server.port)
+    try:
+        beat = Heartbeat(connect(redis_server.url), 60, threading.Event())
+        assert beat.beat()
+        fill(client)
+        client.expire(beat.key, 2)
+        kept = beat.beat()
+        ttl = client.ttl(beat.key)
+        lease_refused = pytest.raises(StorageFull, Storage(connect(redis_server.url)).take_lease,
+                                      Cycle.new(beat.id), 60)
+    finally:
+        redis_server.close()
+    assert kept and ttl > 2, ttl
+    assert lease_refused  # a new record cannot be made: the cycle runs on the heartbeat
+
+
 # ---- 3. PID namespaces: a pid is only asked about where it means our process ---------------------------
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare")
 def test_a_daemon_in_another_pid_namespace_does_not_adopt_a_live_cycle(key_file, daemon_process):
     """Same host name (host networking), two PID namespaces: our pid is free in the other one."""
@@ -219,8 +240,8 @@ def test_a_daemon_in_another_pid_namespace_does_not_adopt_a_live_cycle(key_file,
             received = books.received(sim)
     finally:
         redis_server.close()
-    assert result.delivered == 3, result.summary()
     assert "adopted" not in other.output(), other.output()[-3000:]
+    assert result.delivered == 3, result.summary()
     assert received == books.written
 
 
