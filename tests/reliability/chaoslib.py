@@ -74,6 +74,17 @@ def is_counter(value) -> bool:
         return False
 
 
+def handed_over_usage(client: redis.Redis) -> Counter:
+    """Usage in ``to_flush:`` keys: the most a kill now can have counted twice (decision 6)."""
+    usage: Counter = collections.Counter()
+    for name in client.scan_iter(match=TO_FLUSH_PREFIX + "*", count=1000):
+        member = member_of(name)
+        for metric, value in client.hgetall(name).items():
+            if is_counter(value):
+                usage[(member, metric)] += int(value)
+    return usage
+
+
 def usage_in_redis(client: redis.Redis) -> Tuple[Counter, Dict[str, int]]:
     """Usage held anywhere in Redis, and how many keys of each kind hold it."""
     usage: Counter = collections.Counter()

@@ -12,7 +12,14 @@ and the load paused, the books are balanced per application and metric:
 and the duplicates found since the last balance must be explained: those of
 the simulator's ``report_applied_then_reset`` fault (its ``unacknowledged``
 ledger), and after a SIGKILL, the reports caught between the backend's 202
-and the DEL of their ``to_flush:`` key (decision 6). Anything else fails.
+and the DEL of their ``to_flush:`` key (decision 6): per application and
+metric, no more than the usage the kill left in ``to_flush:`` keys. Anything
+else fails.
+
+Some rounds have a second daemon watching, which must never take the first's
+live cycle for a dead one's: a SIGTERM while report calls are in flight (no
+duplicate allowed), and a SIGKILL of a daemon in a PID namespace of its own
+(``unshare``; its pid means nothing to the watcher).
 
 XCFLUSHD_CHAOS=long (``make chaos``) runs ten times as many disruptions.
 XCFLUSHD_CHAOS_SEED=N replays a run's schedule.
@@ -22,6 +29,7 @@ import collections
 import json
 import os
 import random
+import shutil
 import time
 
 from chaoslib import (
@@ -30,6 +38,7 @@ from chaoslib import (
     chaos_apps,
     chaos_config,
     daemon_connections,
+    handed_over_usage,
     kill_daemon_connections,
     ledger_by_key,
     no_retry_client,
@@ -41,7 +50,11 @@ from xcftest import RedisServer
 from xcflushd_sim.gateway import Gateway
 from xcflushd_sim.server import Simulator
 
-KILLS, REDIS_RESTARTS, CLIENT_KILL_ROUNDS = (300, 20, 20) if LONG else (32, 3, 3)
+KILLS, REDIS_RESTARTS, CLIENT_KILL_ROUNDS = (300, 20, 20) if LONG else (26, 3, 3)
+SIGTERMS, PIDNS_KILLS = (30, 30) if LONG else (3, 3)
+# The daemon as pid 1 of a PID namespace of its own; a SIGKILL of unshare kills it (--kill-child).
+PIDNS = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
+PIDNS_OK = os.geteuid() == 0 and shutil.which("unshare") is not None
 FAULT_RATE = 0.15
 FAULTS = {"rate": FAULT_RATE, "kinds": ["500", "503_html", "timeout", "reset", "empty_4xx", "truncated", "garbage",
                                         "xml_bomb", "huge", "wrong_content_type", "report_applied_then_reset"],
@@ -118,7 +131,8 @@ def test_nothing_lost_under_kills_restarts_and_faults(tmp_path, daemon_process, 
     load = Load(redis_server.port, apps, seed,
                 referrers={apps[0].report_key: ["a.example.org", "b.example.org"]}).start()
     books = Books(client, sim, load, apps)
-    events = ["kill"] * KILLS + ["redis"] * REDIS_RESTARTS + ["clients"] * CLIENT_KILL_ROUNDS
+    events = (["kill"] * KILLS + ["redis"] * REDIS_RESTARTS + ["clients"] * CLIENT_KILL_ROUNDS
+              + ["sigterm"] * SIGTERMS + ["pidns" if PIDNS_OK else "kill"] * PIDNS_KILLS)
     rng.shuffle(events)
     daemons, failures, seen_hand_over = [], [], set()
     stats = collections.Counter()
@@ -126,24 +140,53 @@ def test_nothing_lost_under_kills_restarts_and_faults(tmp_path, daemon_process, 
         for n, event in enumerate(events):
             sim.latency = rng.choice([0.0, 0.0, 0.01, 0.05])
             listener = NotifyListener(tmp_path / f"n{n}.sock")
+            watcher = None
+            if event in ("sigterm", "pidns"):
+                watcher = daemon_process(daemon_args(redis_server, sim, str(key_file)))
+                daemons.append(watcher)
             daemon = daemon_process(daemon_args(redis_server, sim, str(key_file)),
-                                    env=listener.environ(WATCHDOG_USEC="1000000"))
+                                    env=listener.environ(WATCHDOG_USEC="1000000"),
+                                    wrapper=PIDNS if event == "pidns" else ())
             daemons.append(daemon)
             try:
                 daemon.wait_for(READY, timeout=60)
                 if rng.random() < 0.3:  # expire some cached auths: the priority path gets work
                     for app in rng.sample(apps, 5):
                         client.delete(app.auth_key)
-                if event == "kill":
+                if event in ("kill", "pidns"):
                     time.sleep(rng.uniform(0.0, 2.5))
                     daemon.kill()
-                    stats["sigkill"] += 1
+                    window = handed_over_usage(client)  # all this kill can have counted twice
+                    stats["sigkill" if event == "kill" else "pidns_sigkill"] += 1
+                    if watcher is not None:
+                        assert watcher.stop() == 0, watcher.output()[-3000:]
                     wait_quiet(sim)
-                    entry = books.balance("sigkill")
+                    entry = books.balance("sigkill" if event == "kill" else event)
                     stats["kills_with_duplicates"] += bool(entry["new_duplicates"])
+                    outside = {k: d for k, d in entry["new_duplicates_by_key"].items() if d > window[k]}
+                    if outside:
+                        failures.append(f"{event} #{n}: duplicates outside decision 6's window: {outside}")
                     hand_over = set(client.scan_iter("to_flush:*")) | set(client.scan_iter("flushing_report_keys_*"))
                     stats["kills_mid_cycle"] += bool(hand_over - seen_hand_over)  # it left hand-over keys
                     seen_hand_over |= hand_over
+                elif event == "sigterm":
+                    time.sleep(rng.uniform(0.3, 1.5))
+                    first = daemon.output().split("heartbeat xcflushd:daemon:")[1].split()[0]
+                    sim.latency = rng.uniform(0.2, 0.8)
+                    calls = sim.backend.calls().get("report", 0)
+                    wait_until(lambda: sim.backend.calls().get("report", 0) > calls and any(
+                        (client.get(name) or "").startswith(first + " ")
+                        for name in client.scan_iter("xcflushd:lease:*")), 15,
+                        what="a report call in flight, the first daemon's cycle under way")
+                    daemon.proc.send_signal(15)
+                    assert daemon.proc.wait(30) == 0, daemon.output()[-3000:]
+                    stats["sigterm_in_flight"] += 1
+                    assert watcher.stop() == 0, watcher.output()[-3000:]
+                    wait_quiet(sim)
+                    entry = books.balance("sigterm")
+                    if entry["new_duplicates"]:
+                        failures.append(f"sigterm #{n}: {entry['new_duplicates']} duplicate hit(s), a second "
+                                        f"daemon watching: {entry['new_duplicates_by_key']}")
                 else:
                     time.sleep(rng.uniform(0.3, 1.5))
                     subscribed_before = daemon.output().count(SUBSCRIBED)
@@ -188,13 +231,15 @@ def test_nothing_lost_under_kills_restarts_and_faults(tmp_path, daemon_process, 
                     break
             finally:
                 daemon.kill()
+                if watcher is not None:
+                    watcher.kill()
                 listener.close()
         load.finish()
 
-        # The end: no daemon is alive, so every lease is a dead cycle's (as after LEASE_TTL):
-        # a one-shot flush without faults must deliver everything that is left.
-        for lease in client.scan_iter("xcflushd:lease:*"):
-            client.delete(lease)
+        # The end: no daemon is alive, so every lease and heartbeat is a dead one's (as after
+        # their TTLs): a one-shot flush without faults must deliver everything that is left.
+        for name in [*client.scan_iter("xcflushd:lease:*"), *client.scan_iter("xcflushd:daemon:*")]:
+            client.delete(name)
         sim.backend.set_faults(None)
         sim.latency = 0.0
         final = daemon_process(["flush", *daemon_args(redis_server, sim, str(key_file))[1:]])
@@ -211,7 +256,7 @@ def test_nothing_lost_under_kills_restarts_and_faults(tmp_path, daemon_process, 
     outputs = [d.output() for d in daemons]
     stats["adopted_reports"] = sum(int(line.split("adopted ")[1].split()[0]) for out in outputs
                                    for line in out.splitlines() if "adopted " in line)
-    kill_duplicates = sum(e["new_duplicates"] for e in books.entries if e["event"] == "sigkill")
+    kill_duplicates = sum(e["new_duplicates"] for e in books.entries if e["event"] in ("sigkill", "pidns"))
     summary = {
         "seed": seed, "mode": "long" if LONG else "ci", "runtime_s": round(time.monotonic() - started, 1),
         **stats, "faults_injected": state["faults_by_kind"], "calls": state["calls"],
@@ -233,6 +278,7 @@ def test_nothing_lost_under_kills_restarts_and_faults(tmp_path, daemon_process, 
     assert last["lost"] == {} and last["wrongly_dropped"] == {}
     assert last["in_redis"] == 0 and not last["places"], f"usage left in Redis after the final flush: {last}"
     assert stats["sigkill"] >= KILLS and stats["redis_restarts"] == REDIS_RESTARTS
+    assert stats["sigterm_in_flight"] == SIGTERMS and stats["pidns_sigkill"] == (PIDNS_KILLS if PIDNS_OK else 0)
     assert sum(state["faults_by_kind"].values()) > 0 and state["applied_but_unacknowledged"] > 0
     assert summary["uncertain_gateway_writes"] == 0
     for out in outputs:
