@@ -179,7 +179,7 @@ def test_nothing_lost_under_kills_restarts_and_faults(tmp_path, daemon_process, 
                     first = daemon.output().split("heartbeat xcflushd:daemon:")[1].split()[0]
                     sim.latency = rng.uniform(0.2, 0.8)
                     calls = sim.backend.calls().get("report", 0)
-                    wait_until(lambda: sim.backend.calls().get("report", 0) > calls and any(
+                    wait_until(lambda calls=calls, first=first: sim.backend.calls().get("report", 0) > calls and any(
                         (client.get(name) or "").startswith(first + " ")
                         for name in client.scan_iter("xcflushd:lease:*")), 15,
                         what="a report call in flight, the first daemon's cycle under way")

@@ -8,7 +8,7 @@ received exactly once (none of these is decision 6's window).
 
 import os
 import shutil
-import sys
+import socket
 import threading
 
 import pytest
@@ -21,6 +21,7 @@ from xcflushd.defaults import LEASE_PREFIX
 from xcflushd.errors import StorageFull
 from xcflushd.flusher import Flusher, FlushSettings
 from xcflushd.heartbeat import Heartbeat
+from xcflushd.keys import Credentials, report_key
 from xcflushd.sim.gateway import Gateway
 from xcflushd.sim.server import Simulator
 from xcflushd.storage import Cycle, Storage, connect
@@ -270,3 +271,23 @@ def test_a_stop_waits_out_a_report_call_longer_than_max_term_wait(key_file, daem
         redis_server.close()
     assert received == books.written, daemon.output()[-3000:]
     assert "cycle still running" not in daemon.output()
+
+
+def test_a_one_shot_flush_is_taken_for_dead_by_its_pid_only_in_its_own_pid_namespace(redis_server, r):
+    """``flush:host:pid`` keeps no heartbeat: its lease says where its pid means something."""
+    free_pid = next(p for p in range(os.getpid() + 10000, 1 << 22) if not os.path.exists(f"/proc/{p}"))
+    owner = f"flush:{socket.gethostname()}:{free_pid}"
+    elsewhere, here = Cycle.new(owner), Cycle.new(owner)
+    gateway = Gateway(r)
+    for cycle, app in ((elsewhere, "free1"), (here, "free2")):
+        creds = Credentials({"app_id": app})
+        gateway.cache_report("555", creds, "hits", 3)
+        member = report_key("555", creds)
+        r.rename(member, "to_flush:" + member + cycle.suffix)
+        r.srem("report_keys", member)
+    r.set(LEASE_PREFIX + elsewhere.id, f"{owner} 00000000-0000-0000-0000-000000000000/pid:[1]", ex=60)
+    r.set(LEASE_PREFIX + here.id, storage_module.lease_value(owner), ex=60)
+
+    owned = Storage(connect(redis_server.url)).hand_over(Cycle.new("here:1:000000"), recover=True)
+
+    assert [member for _, member in owned.items()] == [report_key("555", Credentials({"app_id": "free2"}))]
