@@ -22,8 +22,8 @@ from xcflushd.errors import StorageFull
 from xcflushd.flusher import Flusher, FlushSettings
 from xcflushd.heartbeat import Heartbeat
 from xcflushd.keys import Credentials, report_key
-from xcflushd.sim.gateway import Gateway
-from xcflushd.sim.server import Simulator
+from xcflushd_sim.gateway import Gateway
+from xcflushd_sim.server import Simulator
 from xcflushd.storage import Cycle, Storage, connect
 
 CYCLE_DONE = "flush cycle: reports="
