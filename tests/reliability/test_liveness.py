@@ -22,9 +22,9 @@ from xcflushd.errors import StorageFull
 from xcflushd.flusher import Flusher, FlushSettings
 from xcflushd.heartbeat import Heartbeat
 from xcflushd.keys import Credentials, report_key
+from xcflushd.storage import Cycle, Storage, connect
 from xcflushd_sim.gateway import Gateway
 from xcflushd_sim.server import Simulator
-from xcflushd.storage import Cycle, Storage, connect
 
 CYCLE_DONE = "flush cycle: reports="
 READY = "ready: priority auth channel subscribed"
