@@ -14,6 +14,8 @@ last_cycle`` where ``last_cycle`` is null until the first cycle ends, then
 ``{started_at, finished_at, result, reports, delivered, failed,
 dead_lettered, authorized, auth_failures, error, backend_error}``; times are
 unix seconds, ``result`` is ok, partial or failed (``cycle_result``).
+``pid_namespace`` (boot id and PID namespace: where ``pid`` is this
+process) lets a daemon in the same namespace see at once that it died.
 The daemon adds ``metrics`` (its /metrics URL) and ``outage`` (its
 OutageTracker's snapshot: ``mode, max_stale, in_outage, started_at,
 last_answer, stale_until, kept, allowed``).
@@ -36,7 +38,7 @@ from typing import Any, Dict, Optional
 from . import __version__, metrics
 from .defaults import HEARTBEAT_PREFIX as PREFIX
 from .errors import StorageFull
-from .storage import Storage
+from .storage import PID_NAMESPACE, Storage
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ class Heartbeat:
         self.record: Dict[str, Any] = {
             "id": self.id, "host": self.host, "pid": self.pid, "version": __version__,
             "started_at": round(clock(), 3), "beat_at": None, "frequency": frequency,
-            "cycles": 0, "last_cycle": None,
+            "cycles": 0, "last_cycle": None, "pid_namespace": PID_NAMESPACE,
         }
         self._lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None

@@ -85,8 +85,8 @@ class Cycle(NamedTuple):
     """Names one flush cycle's hand-over keys: unique across processes and seconds.
 
     ``owner`` (in the lease) says who runs it: a daemon's heartbeat id
-    (``host:pid:random``), or ``flush:host:pid`` for a one-shot ``xcflushd
-    flush``, which keeps no heartbeat. A daemon's cycle ids begin with its
+    (``host:pid:random``), or ``flush:host:pid:namespace`` for a one-shot
+    ``xcflushd flush``, which keeps no heartbeat. A daemon's cycle ids begin with its
     heartbeat id's random part, so its heartbeat vouches for a cycle whose
     lease Redis refused or let expire.
     """
@@ -103,7 +103,8 @@ class Cycle(NamedTuple):
 
 
 def one_shot_owner() -> str:
-    return f"flush:{socket.gethostname()}:{os.getpid()}"
+    """``flush:host:pid:namespace``: it keeps no heartbeat, so its lease says where its pid means it."""
+    return f"flush:{socket.gethostname()}:{os.getpid()}" + (f":{PID_NAMESPACE}" if PID_NAMESPACE else "")
 
 
 def daemon_token(owner: str) -> Optional[str]:
@@ -124,11 +125,18 @@ def process_namespace() -> str:
         return ""  # no /proc: no pid is ever taken for a process of ours
 
 
-_NAMESPACE = process_namespace()
+PID_NAMESPACE = process_namespace()
 
 
-def lease_value(owner: str) -> str:
-    return f"{owner} {_NAMESPACE}" if _NAMESPACE else owner
+def _namespace_of(owner: str, record: Optional[str]) -> str:
+    """Where the owner's pid means it: in a one-shot's owner, or in a daemon's heartbeat record."""
+    if owner.startswith("flush:"):
+        parts = owner.split(":", 3)
+        return parts[3] if len(parts) == 4 else ""
+    try:
+        return str(json.loads(record or "{}").get("pid_namespace") or "")
+    except (ValueError, AttributeError):
+        return ""
 
 
 def _process_gone(owner: str, namespace: str) -> bool:
@@ -138,7 +146,7 @@ def _process_gone(owner: str, namespace: str) -> bool:
     (and name) each have PID namespaces of their own, where another's pid is
     free while it lives.
     """
-    if not namespace or namespace != _NAMESPACE:
+    if not namespace or namespace != PID_NAMESPACE:
         return False
     parts = owner.split(":")
     if parts[0] == "flush":
@@ -475,7 +483,7 @@ class Storage:
                 raise
 
     def take_lease(self, cycle: Cycle, ttl: int) -> None:
-        self.set_record(LEASE_PREFIX + cycle.id, lease_value(cycle.owner), ttl)
+        self.set_record(LEASE_PREFIX + cycle.id, cycle.owner, ttl)
 
     renew_lease = take_lease
 
@@ -523,7 +531,9 @@ class Storage:
 
         A daemon's heartbeat vouches for its cycles, leased or not (a lease
         Redis refused, or let expire while its renewals failed): the cycle id
-        names the daemon. A one-shot flush has only its lease. A daemon's
+        names the daemon. A one-shot flush has only its lease. A pid is only
+        looked up in its own PID namespace (the heartbeat's ``pid_namespace``,
+        the end of a one-shot's owner). A daemon's
         lease outlives it by up to LEASE_TTL, its heartbeat by at most
         its TTL (heartbeat.py), and a pid in our own PID namespace says at once.
         """
@@ -538,17 +548,16 @@ class Storage:
         if not by_cycle:
             return []
         ids = [c for c in by_cycle if c is not None and c != current.id]
-        leases = dict(zip(ids, self.redis.mget([LEASE_PREFIX + c for c in ids]))) if ids else {}
-        owners = {c: tuple(v.partition(" ")[::2]) for c, v in leases.items() if v is not None}
-        daemons = sorted({o for o, _ in owners.values() if daemon_token(o)})
+        owners = dict(zip(ids, self.redis.mget([LEASE_PREFIX + c for c in ids]))) if ids else {}
+        daemons = sorted({o for o in owners.values() if o and daemon_token(o)})
         beating = dict(zip(daemons, self.redis.mget([HEARTBEAT_PREFIX + d for d in daemons]))) if daemons else {}
         ours = daemon_token(current.owner)
         tokens: Optional[set] = None
         alive = {current.id}
         for cycle_id in ids:
-            if cycle_id in owners:
-                owner, namespace = owners[cycle_id]
-                if owner == current.owner or _process_gone(owner, namespace):
+            owner = owners.get(cycle_id)
+            if owner is not None:
+                if owner == current.owner or _process_gone(owner, _namespace_of(owner, beating.get(owner))):
                     continue  # one of our own cycles that is over (we run one at a time), or a dead process
                 if owner not in beating or beating[owner] is not None:
                     alive.add(cycle_id)

@@ -180,7 +180,7 @@ def test_nothing_lost_under_kills_restarts_and_faults(tmp_path, daemon_process, 
                     sim.latency = rng.uniform(0.2, 0.8)
                     calls = sim.backend.calls().get("report", 0)
                     wait_until(lambda calls=calls, first=first: sim.backend.calls().get("report", 0) > calls and any(
-                        (client.get(name) or "").startswith(first + " ")
+                        client.get(name) == first
                         for name in client.scan_iter("xcflushd:lease:*")), 15,
                         what="a report call in flight, the first daemon's cycle under way")
                     daemon.proc.send_signal(15)

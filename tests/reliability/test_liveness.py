@@ -158,6 +158,8 @@ def test_a_cycle_without_a_lease_is_not_adopted_while_its_heartbeat_beats(lease,
             reports_in_flight(sim, 3)
             if not refused:
                 for lease_key in client.scan_iter(LEASE_PREFIX + "*"):
+                    # The owner's heartbeat id alone: what daemons of earlier versions look up.
+                    assert client.get(lease_key) == owner.heartbeat.id
                     client.delete(lease_key)
             assert not list(client.scan_iter(LEASE_PREFIX + "*"))
             peer = Storage(connect(redis_server.url))
@@ -274,10 +276,11 @@ def test_a_stop_waits_out_a_report_call_longer_than_max_term_wait(key_file, daem
 
 
 def test_a_one_shot_flush_is_taken_for_dead_by_its_pid_only_in_its_own_pid_namespace(redis_server, r):
-    """``flush:host:pid`` keeps no heartbeat: its lease says where its pid means something."""
+    """``flush:host:pid:namespace`` keeps no heartbeat: its lease says where its pid means something."""
     free_pid = next(p for p in range(os.getpid() + 10000, 1 << 22) if not os.path.exists(f"/proc/{p}"))
     owner = f"flush:{socket.gethostname()}:{free_pid}"
-    elsewhere, here = Cycle.new(owner), Cycle.new(owner)
+    elsewhere = Cycle.new(owner + ":00000000-0000-0000-0000-000000000000/pid:[1]")
+    here = Cycle.new(f"{owner}:{storage_module.PID_NAMESPACE}")
     gateway = Gateway(r)
     for cycle, app in ((elsewhere, "free1"), (here, "free2")):
         creds = Credentials({"app_id": app})
@@ -285,8 +288,8 @@ def test_a_one_shot_flush_is_taken_for_dead_by_its_pid_only_in_its_own_pid_names
         member = report_key("555", creds)
         r.rename(member, "to_flush:" + member + cycle.suffix)
         r.srem("report_keys", member)
-    r.set(LEASE_PREFIX + elsewhere.id, f"{owner} 00000000-0000-0000-0000-000000000000/pid:[1]", ex=60)
-    r.set(LEASE_PREFIX + here.id, storage_module.lease_value(owner), ex=60)
+    for cycle in (elsewhere, here):
+        r.set(LEASE_PREFIX + cycle.id, cycle.owner, ex=60)
 
     owned = Storage(connect(redis_server.url)).hand_over(Cycle.new("here:1:000000"), recover=True)
 
