@@ -86,9 +86,9 @@ class Cycle(NamedTuple):
 
     ``owner`` (in the lease) says who runs it: a daemon's heartbeat id
     (``host:pid:random``), or ``flush:host:pid:namespace`` for a one-shot
-    ``xcflushd flush``, which keeps no heartbeat. A daemon's cycle ids begin with its
-    heartbeat id's random part, so its heartbeat vouches for a cycle whose
-    lease Redis refused or let expire.
+    ``xcflushd flush``, which keeps no heartbeat. A daemon's cycle ids begin
+    with its heartbeat id's random part, so its heartbeat vouches for a cycle
+    whose lease Redis refused or let expire.
     """
 
     id: str
@@ -531,11 +531,11 @@ class Storage:
 
         A daemon's heartbeat vouches for its cycles, leased or not (a lease
         Redis refused, or let expire while its renewals failed): the cycle id
-        names the daemon. A one-shot flush has only its lease. A pid is only
-        looked up in its own PID namespace (the heartbeat's ``pid_namespace``,
-        the end of a one-shot's owner). A daemon's
-        lease outlives it by up to LEASE_TTL, its heartbeat by at most
-        its TTL (heartbeat.py), and a pid in our own PID namespace says at once.
+        names the daemon. A one-shot flush has only its lease. A daemon's
+        lease outlives it by up to LEASE_TTL, its heartbeat by at most its TTL
+        (heartbeat.py), and a pid says at once, but only in its own PID
+        namespace (the heartbeat's ``pid_namespace``, the end of a one-shot's
+        owner).
         """
         by_cycle: Dict[Optional[str], List[str]] = {}
         for name in names:
