@@ -14,7 +14,7 @@ last_cycle`` where ``last_cycle`` is null until the first cycle ends, then
 ``{started_at, finished_at, result, reports, delivered, failed,
 dead_lettered, authorized, auth_failures, error, backend_error}``; times are
 unix seconds, ``result`` is ok, partial or failed (``cycle_result``).
-``pid_namespace`` (boot id and PID namespace: where ``pid`` is this
+``pid_namespace`` (boot or machine id, and PID namespace: where ``pid`` is this
 process) lets a daemon in the same namespace see at once that it died.
 The daemon adds ``metrics`` (its /metrics URL) and ``outage`` (its
 OutageTracker's snapshot: ``mode, max_stale, in_outage, started_at,

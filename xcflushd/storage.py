@@ -116,13 +116,20 @@ def daemon_token(owner: str) -> Optional[str]:
 
 
 def process_namespace() -> str:
-    """This kernel boot and PID namespace: a pid means the same process only where this is the same."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as fh:
-            boot = fh.read().strip()
-        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
-    except OSError:
-        return ""  # no /proc: no pid is ever taken for a process of ours
+    """This machine (its boot) and PID namespace: a pid means the same process only where this is the same.
+
+    The unit's ProcSubset=pid hides /proc/sys: then the machine id says which
+    machine (a namespace of an earlier boot holds no live process anyway).
+    """
+    for path in ("/proc/sys/kernel/random/boot_id", "/etc/machine-id"):
+        try:
+            with open(path) as fh:
+                machine = fh.read().strip()
+            if machine:
+                return f"{machine}/{os.readlink('/proc/self/ns/pid')}"
+        except OSError:
+            continue
+    return ""  # unknown: no pid is ever taken for a process of ours
 
 
 PID_NAMESPACE = process_namespace()
