@@ -62,6 +62,7 @@ from . import errors
 from .config import App, CompiledConfig, ConfigError, Limit, Service, demo_config
 from .errors import Denial, SimError
 from .faults import ENDPOINTS, FaultPlan
+from .params import no_body
 from .periods import (
     PERIODS,
     REPORT_DEADLINE_FUTURE_S,
@@ -367,6 +368,12 @@ class Backend:
                 raise errors.EmptyReply(403)
             service = self._service(cfg, provider_key, _credential(params, "service_id"))
             app = self._auth_app(service, params, oauth)
+            if usage and no_body(ext, params):
+                # apisonator ``preload_usage_limits`` (since 3scale 2.10): with no_body the names
+                # in usage are looked up, as given (not stripped), before any validator.
+                for name in usage:
+                    if name not in service.parents:
+                        raise errors.metric_invalid(name)
 
             bounds = self._now_bounds.get(now)
             counters = self._counters.get((service.id, app.app_id), {})
