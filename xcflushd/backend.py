@@ -27,6 +27,9 @@ from .transport import Engine, Request, Response
 log = logging.getLogger(__name__)
 
 EXTENSIONS = "hierarchy=1&rejection_reason_header=1"
+#: A check of metric names (known_metrics.py): apisonator then checks every
+#: name in ``usage`` before any validator, and answers without a body.
+NO_BODY = "no_body=1"
 LIMITS_EXCEEDED = "limits_exceeded"
 _LIMITS_EXCEEDED_TEXT = "usage limits are exceeded"
 #: Error codes of an authorize call that are about the application itself.
@@ -101,6 +104,7 @@ class AuthStatus(NamedTuple):
     limits_exceeded: bool
     usage_reports: Tuple[UsageReport, ...]
     hierarchy: Dict[str, List[str]]
+    refused_metric: Optional[str] = None  # the name a metric_invalid answer gives
 
 
 class DTDForbidden(ValueError):
@@ -193,7 +197,8 @@ def _status(resp: Response) -> AuthStatus:
     if resp.status != 409 and resp.status >= 400:
         err = _error_from(resp, what)
         if err.code in APPLICATION_ERRORS:
-            return AuthStatus(False, err.code, False, (), {})
+            refused = _refused_metric(resp.body) if err.code == "metric_invalid" else None
+            return AuthStatus(False, err.code, False, (), {}, refused)
         # Anything else (our own credentials, a malformed request, an empty
         # body) says nothing about the application: no denial gets cached.
         raise err
@@ -210,6 +215,30 @@ def _status(resp: Response) -> AuthStatus:
         if limits:
             reason_code = LIMITS_EXCEEDED
     return AuthStatus(authorized, reason_code, limits, reports, hierarchy)
+
+
+def _refused_metric(body: bytes) -> Optional[str]:
+    """The name in apisonator's ``metric "<name>" is invalid``, as it wrote it; None for any other text."""
+    try:
+        text = _parse_xml(body, "authorize").text or ""
+    except BackendUnavailable:
+        return None
+    prefix, suffix = 'metric "', '" is invalid'
+    if len(text) >= len(prefix) + len(suffix) and text.startswith(prefix) and text.endswith(suffix):
+        return text[len(prefix):-len(suffix)]
+    return None
+
+
+def parse_check(resp: Response) -> None:
+    """The answer to a ``no_body`` authorize that checks metric names: None when every name
+    is known (200, or any 409: apisonator found the application and every name before its
+    validators ran); BackendRejected for a 4xx, whose body is empty (a 404 is an unknown
+    application or an unknown metric, it does not say which); BackendUnavailable otherwise."""
+    if resp.status in (200, 409):
+        return None
+    if 400 <= resp.status < 500:
+        raise BackendRejected(resp.status, "", "authorize with no_body=1")
+    raise BackendUnavailable(f"authorize: HTTP {resp.status}")
 
 
 #: What a status document says: (authorized, reason text, usage reports, hierarchy).
@@ -331,17 +360,21 @@ class BackendClient:
 
     # ---- requests and outcomes ------------------------------------------------
 
-    def _authorize_request(self, service_id: str, creds: Credentials) -> Request:
+    def _authorize_request(self, service_id: str, creds: Credentials, metrics: Sequence[str] = (),
+                           no_body: bool = False) -> Request:
+        """``metrics`` go as ``usage[m]=0``: apisonator then checks their names (known_metrics.py);
+        a predicted 0 changes no per-metric value (decision 4)."""
         params = []
         for name, value in creds.items():
             if name in _AUTH_PARAMS:
                 params.append((name, value))
             elif name == "user_id":
                 _warn_user_id_once()
+        params += [(f"usage[{metric}]", "0") for metric in metrics]
         params += self.service_credentials.params(service_id)
         path = "/transactions/oauth_authorize.xml" if creds.oauth else "/transactions/authorize.xml"
         return self.transport.build("GET", path, urlencode(params),
-                                    headers={"3scale-options": EXTENSIONS})
+                                    headers={"3scale-options": NO_BODY if no_body else EXTENSIONS})
 
     def _report_request(self, service_id: str, transactions: Sequence[Tuple[Credentials, Dict[str, int]]]) -> Request:
         params = self.service_credentials.params(service_id)
@@ -366,12 +399,13 @@ class BackendClient:
 
     # ---- one call ---------------------------------------------------------------
 
-    def authorize(self, service_id: str, creds: Credentials) -> AuthStatus:
+    def authorize(self, service_id: str, creds: Credentials, metrics: Sequence[str] = ()) -> AuthStatus:
         """One priority authorization, blocking the calling thread."""
-        return parse_status(self.transport.request(self._authorize_request(service_id, creds)))
+        return parse_status(self.transport.request(self._authorize_request(service_id, creds, metrics)))
 
     def submit_authorize(self, service_id: str, creds: Credentials,
-                         done: Callable[[Union[AuthStatus, BackendError]], None]) -> bool:
+                         done: Callable[[Union[AuthStatus, BackendError]], None],
+                         metrics: Sequence[str] = ()) -> bool:
         """Queue a priority authorization; ``done(status or error)`` runs on the engine thread.
 
         False when the priority queue is full: no call is made and ``done`` never runs.
@@ -387,14 +421,24 @@ class BackendClient:
                 self.observer(outcome)
             done(outcome)
 
-        return self.transport.submit_priority(self._authorize_request(service_id, creds), finished)
+        return self.transport.submit_priority(self._authorize_request(service_id, creds, metrics), finished)
 
     # ---- many calls -------------------------------------------------------------
 
-    def authorize_many(self, items: Iterable[Tuple[Any, str, Credentials]],
-                       concurrency: int) -> Iterator[Tuple[Any, Union[AuthStatus, BackendError]]]:
-        """``(tag, service_id, credentials)`` in; ``(tag, AuthStatus or error)`` out, as they finish."""
-        return self._many(items, concurrency, self._authorize_request, parse_status)
+    def authorize_many(self, items: Iterable[Tuple[Any, str, Credentials]], concurrency: int,
+                       on_idle: Optional[Callable[[], None]] = None,
+                       ) -> Iterator[Tuple[Any, Union[AuthStatus, BackendError]]]:
+        """``(tag, service_id, credentials[, metrics])`` in; ``(tag, AuthStatus or error)`` out, as they finish."""
+        return self._many(((i[0], i[1], i[2:]) for i in items), concurrency,
+                          lambda service_id, what: self._authorize_request(service_id, *what), parse_status,
+                          on_idle=on_idle)
+
+    def check_many(self, items: Iterable[Tuple[Any, str, Credentials, Sequence[str]]], concurrency: int,
+                   on_idle: Optional[Callable[[], None]] = None) -> Iterator[Tuple[Any, Optional[BackendError]]]:
+        """``(tag, service_id, credentials, metrics)`` in; ``(tag, None or error)`` out (see parse_check)."""
+        return self._many(((i[0], i[1], i[2:]) for i in items), concurrency,
+                          lambda service_id, what: self._authorize_request(service_id, *what, no_body=True),
+                          parse_check, on_idle=on_idle)
 
     def report_many(self, items: Iterable[Tuple[Any, str, Sequence[Tuple[Credentials, Dict[str, int]]]]],
                     concurrency: int, max_transactions: Optional[int] = None,
