@@ -142,7 +142,10 @@ class PriorityRenewer:
             self._in_flight[key] = [(request, received)]
         service_id, creds, _ = key
         try:
-            queued = self.backend.submit_authorize(service_id, creds, lambda outcome: self._answers.put((key, outcome)))
+            # The metric as predicted usage 0: the backend then checks its name,
+            # so an unknown one is answered 0:metric_invalid, never 1 (known_metrics.py).
+            queued = self.backend.submit_authorize(service_id, creds, lambda outcome: self._answers.put((key, outcome)),
+                                                   metrics=(request.metric,))
         except BackendError as exc:  # no credentials for that service: nothing to ask
             self._answers.put((key, exc))
             return
