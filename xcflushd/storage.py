@@ -404,6 +404,20 @@ count = count + 1
 redis.call('HSET', KEYS[1], ARGV[1], count .. ' ' .. ARGV[2])
 return count
 """
+# Usage of metrics the backend does not know, out of a hand-over key: the
+# first metric still there says it was not done yet. ``whole``: nothing of
+# the report is left to deliver, the key goes.
+_DEAD_LETTER_METRICS = """
+if redis.call('HEXISTS', KEYS[1], ARGV[5]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+if ARGV[4] == '1' then
+  redis.call('DEL', KEYS[1])
+  redis.call('HDEL', KEYS[3], ARGV[3])
+else
+  redis.call('HDEL', KEYS[1], unpack(ARGV, 5))
+end
+return 1
+"""
 # A few bytes that say who owns what (set_record), and a dead letter's entry:
 # written even when Redis is full, so no other daemon takes a live cycle's
 # keys for a dead one's.
@@ -470,7 +484,8 @@ class Storage:
             version = str(self.redis.info("server").get("redis_version", "0"))
             prefix = ALLOW_OOM if int(version.split(".")[0] or 0) >= 7 else ""
             self._scripts = {n: self.redis.register_script(prefix + body) for n, body in (
-                ("restore", _RESTORE), ("dead_letter", _DEAD_LETTER), ("hset", _HSET_SMALL),
+                ("restore", _RESTORE), ("dead_letter", _DEAD_LETTER), ("dead_letter_metrics", _DEAD_LETTER_METRICS),
+                ("hset", _HSET_SMALL),
                 ("set_ex", _SET_EX_SMALL))}
             self._scripts["count_failure"] = self.redis.register_script(_COUNT_FAILURE)
         return self._scripts[name]
@@ -752,6 +767,18 @@ class Storage:
         self._script("dead_letter")(
             keys=[report.to_flush_key, DEAD_LETTER_HASH, FAILURES_HASH],
             args=[report.report_key + suffix, _dead_letter_entry(report.usage, reason), report.report_key])
+
+    @_storage_errors
+    def dead_letter_metrics(self, report: Report, metrics: Sequence[str], reason: str) -> None:
+        """Move these metrics' usage from the report's hand-over key to the dead letter; the rest stays
+        to be delivered. The entry's field is the report key with a suffix of its own, so an entry per
+        refusal: a report key met twice in a cycle, or refused again later, overwrites none."""
+        usage = {m: report.usage[m] for m in metrics}
+        field = report.report_key + time.strftime("_%Y%m%d%H%M%S", time.gmtime()) + "_" + secrets.token_hex(6)
+        self._script("dead_letter_metrics")(
+            keys=[report.to_flush_key, DEAD_LETTER_HASH, FAILURES_HASH],
+            args=[field, _dead_letter_entry(usage, reason), report.report_key,
+                  "1" if len(usage) == len(report.usage) else "0", *usage])
 
     # ---- authorizations ----------------------------------------------------
 
