@@ -5,7 +5,8 @@ when it runs. Its backend calls are multiplexed from the calling thread
 (``BackendClient.report_many``/``authorize_many``), ``concurrency`` at a time.
 Phases: hand over (take reports out of the gateway's way), report (batched
 per service only for applications confirmed by a live cached authorization,
-decision 5), wait (the backend applies reports asynchronously), authorize
+decision 5; an application whose metrics that authorization does not vouch
+for has them checked first, known_metrics.py), wait (the backend applies reports asynchronously), authorize
 (each reported application), and store the authorizations. The report phase
 streams through the reports in chunks, so memory stays flat however many
 applications are pending.
@@ -18,20 +19,19 @@ import threading
 import time
 from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
-from . import defaults, metrics
-from .authorizer import authorizations
-from .backend import BackendClient
+from . import defaults, known_metrics, metrics
+from .backend import LIMITS_EXCEEDED, BackendClient
 from .errors import BackendError, BackendRejected, MalformedKey, StorageFull, StorageRefused, StorageUnavailable
-from .keys import auth_key, denial_reason, iter_chunks, parse_report_key, redact_key
+from .keys import AUTHORIZED, auth_key, denial_reason, denied, iter_chunks, parse_report_key, redact_key
 from .outage import OutageTracker
 from .storage import Cycle, HandOver, Report, Storage
 
 log = logging.getLogger(__name__)
 
 #: Authorization reasons that mean "this application does not exist for reporting".
-UNKNOWN_APPLICATION = frozenset({
-    "application_not_found", "user_key_invalid", "authentication_error", "access_token_invalid",
-})
+UNKNOWN_APPLICATION = known_metrics.UNKNOWN_APPLICATION
+#: Cached values that only an answer which checked the metric's name gives (known_metrics.py).
+KNOWN_METRIC_VALUES = frozenset({AUTHORIZED, denied(LIMITS_EXCEEDED)})
 #: Report rejections about our own credentials: an operator can fix them, so keep retrying.
 CREDENTIAL_ERRORS = frozenset({
     "provider_key_invalid", "provider_key_invalid_or_service_missing", "service_id_invalid",
@@ -69,6 +69,8 @@ class FlushResult:
         self.hits = 0             # usage units the backend acknowledged
         self.failed = 0           # put back into Redis for the next cycle
         self.dead_lettered = 0
+        self.refused = 0          # reports with a metric the backend does not know: that usage set aside
+        self.checked = 0          # applications whose metrics were checked before their report
         self.report_calls = 0
         self.authorized = 0       # applications whose auth hash was renewed
         self.auth_failures = 0
@@ -103,6 +105,8 @@ class FlushResult:
         text = (f"reports={self.reports} delivered={self.delivered} failed={self.failed} "
                 f"dead_letter={self.dead_lettered} report_calls={self.report_calls} "
                 f"authorized={self.authorized} auth_failures={self.auth_failures} "
+                + (f"refused_metrics={self.refused} " if self.refused else "")
+                + (f"checked={self.checked} " if self.checked else "")
                 + (f"not_cached={self.not_cached} " if self.not_cached else "")
                 + (f"held_while_redis_away={self.held} " if self.held else "")
                 + (f"kept_alive_in_outage={self.kept_alive} " if self.kept_alive else "")
@@ -354,7 +358,7 @@ class Flusher:
                 # Only a flag per report is kept: the cached hashes (a dict of
                 # strings each) would stay alive while the chunk is batched.
                 confirmed = [_confirmed(c, r.usage) for c, r in zip(self.storage.cached_authorizations(
-                    [auth_key(r.service_id, r.credentials) for r in reports]), reports)] if batching else []
+                    [auth_key(r.service_id, r.credentials) for r in reports]), reports)]
             except StorageRefused as exc:
                 self._refuse(exc)
                 return
@@ -365,10 +369,16 @@ class Flusher:
                 log.warning("Redis away while reading reports (%s): no new backend calls", exc)
                 return
             result.add(reports=len(reports))
+            checked = iter(self._check([r for r, c in zip(reports, confirmed) if not c], cycle, result, acks))
             for i, report in enumerate(reports):
                 metrics = tuple(map(sys.intern, report.usage))
                 to_authorize.add(report.report_key, metric_sets.setdefault(metrics, metrics))  # shared copies
-                if not batching or not confirmed[i]:
+                if not confirmed[i]:
+                    report = next(checked)
+                    if report is not None:
+                        yield [report]
+                    continue
+                if not batching:
                     yield [report]
                     continue
                 size = len(report.usage) + 1
@@ -382,6 +392,59 @@ class Flusher:
                 params[report.service_id] = params.get(report.service_id, 0) + size
         if not self._stopping():
             yield from (b for b in batches.values() if b)
+
+    def _check(self, reports: List[Report], cycle: Cycle, result: FlushResult, acks: "_Acks"
+               ) -> List[Optional[Report]]:
+        """Ask the backend about the metrics of reports no cached authorization vouches for.
+
+        Returns, for each, the report to send (what the backend knows of it),
+        or None: it went to the dead letter whole, or it stays in Redis (kept
+        for the next cycle, or in its hand-over key when stopping). Runs
+        while the report calls of earlier chunks are in flight.
+        """
+        out: List[Optional[Report]] = [None] * len(reports)
+        if not reports:
+            return out
+        items = ((i, r.service_id, r.credentials, tuple(r.usage))
+                 for i, r in enumerate(self._while_running(reports)))
+        for i, outcome in known_metrics.check(self.backend, items, self.settings.concurrency, on_idle=acks.idle):
+            self.last_progress = time.monotonic()
+            report = reports[i]
+            if isinstance(outcome, BackendRejected):
+                self._rejected([report], outcome, cycle, result)  # e.g. 422 not_valid_data: the report would be too
+                continue
+            if isinstance(outcome, BackendError):
+                log.warning("could not check the metrics of %s, kept for the next cycle: %s",
+                            redact_key(report.report_key), outcome)
+                result.backend_failed("metric check failed", outcome)
+                self._apply("restore", [report])
+                result.add(failed=1)
+                continue
+            result.add(checked=1)
+            out[i] = self._set_aside(report, outcome.refused, result) if outcome.refused else report
+        return out
+
+    def _set_aside(self, report: Report, refused: Dict[str, Tuple[str, str]], result: FlushResult
+                   ) -> Optional[Report]:
+        """Usage of metrics the backend does not know goes to the dead letter; the rest is what to send."""
+        reason = "; ".join(sorted({why for _, why in refused.values()}))
+        if self._redis_lost is not None:
+            return None  # the whole report stays in its hand-over key
+        try:
+            self.storage.dead_letter_metrics(report, list(refused), reason)
+        except StorageFull as exc:
+            log.warning("could not dead-letter a report, Redis is full: the usage stays in its hand-over key (%s)",
+                        exc)
+            return None
+        except StorageUnavailable as exc:
+            self._redis_lost = str(exc)
+            log.warning("Redis away (%s): no new backend calls", exc)
+            return None
+        log.error("usage of %s for metric(s) the backend does not know moved to %s: %s",
+                  redact_key(report.report_key), defaults.DEAD_LETTER_HASH, reason)
+        result.add(refused=1)
+        rest = {m: v for m, v in report.usage.items() if m not in refused}
+        return report._replace(usage=rest) if rest else None
 
     def _rejected(self, call: List[Report], exc: BackendRejected, cycle: Cycle, result: FlushResult) -> None:
         result.backend_failed("report refused", exc)
@@ -425,13 +488,13 @@ class Flusher:
         renewed = []
         not_cached: Dict[str, int] = collections.Counter()
         items = self._authorize_items(to_authorize, failures)
-        for (key, metrics_), outcome in self.backend.authorize_many(items, self.settings.concurrency):
+        for key, outcome in known_metrics.authorize(self.backend, items, self.settings.concurrency):
             self.last_progress = time.monotonic()
             if isinstance(outcome, BackendError):
                 failures[str(outcome)] += 1
                 result.backend_failed("authorize failed", outcome)
                 continue
-            renewed.append((key, authorizations(outcome, metrics_)))
+            renewed.append((key, outcome))
             if len(renewed) >= defaults.REDIS_CHUNK:
                 self._cache(renewed, result, not_cached)
                 renewed = []
@@ -467,7 +530,7 @@ class Flusher:
             except MalformedKey as exc:
                 failures[str(exc)] += 1
                 continue
-            yield (auth_key(service_id, creds), metrics_), service_id, creds
+            yield auth_key(service_id, creds), service_id, creds, metrics_
 
 
 class _ToAuthorize:
@@ -530,12 +593,16 @@ class _Acks:
 
 
 def _confirmed(cached: Dict[str, str], usage: Dict[str, int]) -> bool:
-    """A live auth hash shows the application exists and knows these metrics."""
+    """A live auth hash shows the application exists and knows these metrics.
+
+    A metric's field alone does not: a denial of the application (a wrong
+    app_key, say) covers names the backend never checked.
+    """
     if not cached:
         return False
     if any(denial_reason(v) in UNKNOWN_APPLICATION for v in cached.values()):
         return False
-    return all(metric in cached for metric in usage)
+    return all(cached.get(metric) in KNOWN_METRIC_VALUES for metric in usage)
 
 
 class _PhaseClock:
