@@ -285,3 +285,54 @@ def test_plain_authorize_on_oauth_service_checks_key_only_when_given(sim, http):
     r = auth(http, sim, f"service_id=557&app_id=94bd2de3&app_key=bad&{PK}")
     assert r.status_code == 409
     assert b"<application>" not in r.content
+
+
+# --- what xcflushd learns about metric names (known_metrics.py) ---------------------------
+
+HIERARCHY = {"3scale-options": "hierarchy=1&rejection_reason_header=1"}
+NO_BODY = {"3scale-options": "no_body=1&rejection_reason_header=1"}
+
+
+def usage_reports(response):
+    return [(u.get("metric"), u.get("period"), u.findtext("max_value"), u.findtext("current_value"))
+            for u in ET.fromstring(response.content).iter("usage_report")]
+
+
+def test_a_predicted_usage_of_0_still_has_its_name_checked(sim, http):
+    r = auth(http, sim, f"app_id=a1b2c3&app_key=s3cr3t&{PK}&usage[hits]=0&usage[nope]=0", headers=HIERARCHY)
+    assert (r.status_code, error_code(r)) == (404, "metric_invalid")
+    assert ET.fromstring(r.content).text == 'metric "nope" is invalid'
+    assert "3scale-rejection-reason" not in r.headers
+
+
+def test_a_predicted_usage_of_0_leaves_every_usage_report_as_it_is(sim, http):
+    sim.backend.set_usage("555", "a1b2c3", "search", 50, "minute")  # over its 10
+    base = f"app_id=a1b2c3&app_key=s3cr3t&{PK}"
+    plain = auth(http, sim, base, headers=HIERARCHY)
+    predicted = auth(http, sim, base + "&usage[hits]=0", headers=HIERARCHY)
+    # Only hits (and its ancestors) is judged, but the reports list every limit either way.
+    assert (plain.status_code, predicted.status_code) == (409, 200)
+    assert usage_reports(plain) == usage_reports(predicted) and len(usage_reports(plain)) == 4
+
+
+@pytest.mark.parametrize("app", ["app_id=a1b2c3&app_key=wrong", "app_id=suspended"])
+def test_names_are_checked_after_the_validators_with_a_body_and_before_them_with_no_body(sim, http, app):
+    query = f"{app}&{PK}&usage[nope]=0"
+    with_body = auth(http, sim, query, headers=HIERARCHY)
+    assert with_body.status_code == 409  # a key or state denial: the names were never looked at
+    bare = auth(http, sim, query, headers=NO_BODY)
+    assert (bare.status_code, bare.content) == (404, b"")  # an unknown name, and no body to say so
+    known = auth(http, sim, f"{app}&{PK}&usage[hits]=0&usage[search]=0", headers=NO_BODY)
+    assert (known.status_code, known.content) == (409, b"")
+
+
+def test_with_no_body_an_unknown_application_is_the_same_bare_404(sim, http):
+    r = auth(http, sim, f"app_id=ghost&{PK}&usage[hits]=0", headers=NO_BODY)
+    assert (r.status_code, r.content) == (404, b"")
+
+
+def test_with_no_body_names_are_looked_up_as_given(sim, http):
+    # apisonator strips names when it parses usage (the body path), not when it loads limits.
+    query = f"app_id=nokeys&{PK}&usage[%20hits]=0"
+    assert auth(http, sim, query, headers=HIERARCHY).status_code == 200
+    assert auth(http, sim, query, headers=NO_BODY).status_code == 404

@@ -227,3 +227,12 @@ def test_real_clock_is_used_by_default(http):
         body = f"{tx(0, 'a1b2c3', timestamp=int(time.time()) - 60, hits=1)}&{CREDS}"
         assert report(http, sim, body).status_code == 202
         assert sim.backend.received() == {"555": {"a1b2c3": {"hits": 1}}}
+
+
+def test_one_unknown_metric_drops_its_own_transaction_whole(sim, http):
+    # A single application's call: its known metric goes with the unknown one (observed).
+    r = report(http, sim, f"{tx(0, 'nokeys', hits=3, hitz=1)}&{CREDS}")
+    assert (r.status_code, r.content) == (202, b"")
+    assert sim.backend.received() == {}
+    assert sim.backend.dropped() == {"555": {"nokeys": {"hits": 3, "hitz": 1}}}
+    assert [e["code"] for e in sim.backend.errors()] == ["metric_invalid"]
