@@ -99,7 +99,16 @@ class _Probe:
             known = tuple(m for m in self.metrics if m not in self.refused)
             self.done = Checked(known if full else (), dict(self.refused), status)
             return []
-        return [(group, True)]  # denied before the names were checked
+        return self._bare(group)  # denied before the names were checked
+
+    def _bare(self, group: Tuple[str, ...]) -> List[Tuple[Tuple[str, ...], bool]]:
+        """Ask with no_body=1, where apisonator takes names as given, but a report strips them: so
+        stripped names are asked (in ``_run``). Nothing is left of a blank one: no metric has it."""
+        for metric in group:
+            if not metric.strip(_RUBY_SPACE):
+                self.refused[metric] = ("metric_invalid", "metric_invalid: a blank metric name")
+        rest = tuple(m for m in group if m.strip(_RUBY_SPACE))
+        return [(rest, True)] if rest else []
 
     def settle(self, full: bool) -> Optional[Tuple[Tuple[str, ...], bool]]:
         """With no ask in flight: finish, or (authorize) the one more ask an answer for ``known`` takes."""
@@ -128,7 +137,8 @@ def _run(backend: BackendClient, items: Iterable[Tuple[Any, str, Credentials, Se
         next_bare: List = []
         for asks, no_body in ((body, False), (bare, True)):
             many = backend.check_many if no_body else backend.authorize_many
-            requests = ((a, a[0].service_id, a[0].creds, a[1]) for a in asks)
+            requests = ((a, a[0].service_id, a[0].creds,
+                         tuple(m.strip(_RUBY_SPACE) for m in a[1]) if no_body else a[1]) for a in asks)
             for (probe, group), outcome in many(requests, concurrency, on_idle=on_idle):
                 probe.waiting -= 1
                 if probe.done is not None:
