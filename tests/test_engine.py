@@ -223,8 +223,9 @@ def test_backend_calls_are_counted_exactly_on_both_paths(sim, r, redis_server, r
 
 @pytest.mark.parametrize("kind", ["refused", "blackholed", "dns"])
 def test_a_serial_cycle_in_an_outage_waits_for_one_connect_not_one_per_report(r, redis_server, kind, request):
-    """One call in flight (-t 1): without failing fast, each of the 50 reports and then each
-    authorization would wait its own connect timeout. The first connect's failure fails the rest."""
+    """One call in flight (-t 1): without failing fast, each of the 50 new applications' metric
+    checks and then each authorization would wait its own connect timeout. The first connect's
+    failure fails the rest (the reports wait for their checks: none is sent)."""
     url = {"refused": refused_url, "dns": lambda: "http://backend.invalid:8080",
            "blackholed": lambda: request.getfixturevalue("blackhole")}[kind]()
     gateway = Gateway(r)
@@ -239,7 +240,7 @@ def test_a_serial_cycle_in_an_outage_waits_for_one_connect_not_one_per_report(r,
         backend.close()
     assert result.failed == 50 and result.delivered == 0, result.summary()
     tried = {e: backend_calls_recorded(e) - tried_before[e] for e in tried_before}
-    assert tried["report"] == 1 and tried["authorize"] <= 1, tried
+    assert tried["report"] + tried["authorize"] == 1, tried
     assert r.scard("report_keys") == 50
 
 

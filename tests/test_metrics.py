@@ -236,7 +236,8 @@ def test_transport_errors_are_counted_as_error(tmp_path, r, redis_server, daemon
     daemon.wait_for("flush cycle")
     text = wait_until(lambda: (lambda t: t if total(t, "xcflushd_backend_requests_total", code="error") else None)(
         scrape(daemon.metrics_address)), 15, "a counted transport error")
-    assert total(text, "xcflushd_backend_requests_total", endpoint="report", code="error") >= 1
+    # A new application: its metric check (an authorize call) is the first call that fails.
+    assert total(text, "xcflushd_backend_requests_total", endpoint="authorize", code="error") >= 1
     assert total(text, "xcflushd_backend_up") == 0
     assert total(text, "xcflushd_flush_cycles_total", result="ok") == 0
     daemon.stop()
