@@ -153,3 +153,21 @@ def test_a_priority_request_for_an_unknown_metric_is_denied(many_apps, r, renewe
     assert gateway.priority_authorization("555", app(3), "hitz") == "0:metric_invalid"
     assert gateway.priority_authorization("555", app(3), "hits") == "1"
     assert r.hgetall(auth_key("555", app(3))) == {"hits": "1", "hitz": "0:metric_invalid"}
+
+
+def test_an_application_met_twice_in_a_chunk_is_checked_once(many_apps, r, flusher_for):
+    gateway = Gateway(r)
+    gateway.cache_report("555", app(1), "hits", 2)
+    gateway.cache_report("555", app(1), "hitz", 1)
+    # A leftover of a dead cycle (a Ruby-era suffix: no lease to wait for), beside a new report.
+    r.rename(report_key("555", app(1)), "to_flush:" + report_key("555", app(1)) + "_20261207000000")
+    r.delete("report_keys")
+    gateway.cache_report("555", app(1), "hits", 3)
+    gateway.cache_report("555", app(1), "hitz", 1)
+
+    result = flusher_for(many_apps).flush_once(recover=True)
+
+    assert many_apps.backend.received()["555"]["app1"] == {"hits": 5}
+    assert sorted(e["usage"]["hitz"] for e in dead_letters(r)) == [1, 1]
+    assert result.checked == 1 and result.refused == 2
+    assert leftovers(r) == []

@@ -403,25 +403,28 @@ class Flusher:
         while the report calls of earlier chunks are in flight.
         """
         out: List[Optional[Report]] = [None] * len(reports)
-        if not reports:
-            return out
-        items = ((i, r.service_id, r.credentials, tuple(r.usage))
-                 for i, r in enumerate(self._while_running(reports)))
-        for i, outcome in known_metrics.check(self.backend, items, self.settings.concurrency, on_idle=acks.idle):
+        # One check for an application met several times (its leftovers of dead cycles, adopted together).
+        alike: Dict[Tuple, List[int]] = {}
+        for i, r in enumerate(reports):
+            alike.setdefault((r.service_id, r.credentials, frozenset(r.usage)), []).append(i)
+        items = ((same, reports[same[0]].service_id, reports[same[0]].credentials, tuple(reports[same[0]].usage))
+                 for same in self._while_running(alike.values()))
+        for same, outcome in known_metrics.check(self.backend, items, self.settings.concurrency, on_idle=acks.idle):
             self.last_progress = time.monotonic()
-            report = reports[i]
-            if isinstance(outcome, BackendRejected):
-                self._rejected([report], outcome, cycle, result)  # e.g. 422 not_valid_data: the report would be too
-                continue
-            if isinstance(outcome, BackendError):
-                log.warning("could not check the metrics of %s, kept for the next cycle: %s",
-                            redact_key(report.report_key), outcome)
-                result.backend_failed("metric check failed", outcome)
-                self._apply("restore", [report])
-                result.add(failed=1)
-                continue
-            result.add(checked=1)
-            out[i] = self._set_aside(report, outcome.refused, result) if outcome.refused else report
+            if not isinstance(outcome, BackendError):
+                result.add(checked=1)
+            for i in same:
+                report = reports[i]
+                if isinstance(outcome, BackendRejected):
+                    self._rejected([report], outcome, cycle, result)  # e.g. 422 not_valid_data: the report would be
+                elif isinstance(outcome, BackendError):
+                    log.warning("could not check the metrics of %s, kept for the next cycle: %s",
+                                redact_key(report.report_key), outcome)
+                    result.backend_failed("metric check failed", outcome)
+                    self._apply("restore", [report])
+                    result.add(failed=1)
+                else:
+                    out[i] = self._set_aside(report, outcome.refused, result) if outcome.refused else report
         return out
 
     def _set_aside(self, report: Report, refused: Dict[str, Tuple[str, str]], result: FlushResult
