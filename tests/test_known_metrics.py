@@ -16,8 +16,8 @@ from xcflushd import known_metrics
 from xcflushd.backend import ServiceCredentials, _refused_metric, make_client, parse_check
 from xcflushd.errors import BackendError, BackendRejected, BackendUnavailable
 from xcflushd.keys import Credentials
-from xcflushd.sim.server import Simulator
 from xcflushd.transport import Response
+from xcflushd_sim.server import Simulator
 
 NOKEYS = Credentials({"app_id": "free1"})        # a plan without limits
 WRONG_KEY = Credentials({"app_id": "a1b2c3", "app_key": "wrong"})

@@ -11,9 +11,9 @@ from xcflushd import deadletter
 from xcflushd.backend import ServiceCredentials, make_client
 from xcflushd.flusher import Flusher, FlushSettings
 from xcflushd.keys import Credentials, auth_key, report_key
-from xcflushd.sim.gateway import Gateway
-from xcflushd.sim.server import Simulator
 from xcflushd.storage import Storage, connect
+from xcflushd_sim.gateway import Gateway
+from xcflushd_sim.server import Simulator
 
 APPS = 61
 TYPO = 30  # the application whose gateway reports "hitz"
