@@ -6,10 +6,10 @@ when it runs. Its backend calls are multiplexed from the calling thread
 Phases: hand over (take reports out of the gateway's way), report (batched
 per service only for applications confirmed by a live cached authorization,
 decision 5; an application whose metrics that authorization does not vouch
-for has them checked first, known_metrics.py), wait (the backend applies reports asynchronously), authorize
-(each reported application), and store the authorizations. The report phase
-streams through the reports in chunks, so memory stays flat however many
-applications are pending.
+for has them checked first, known_metrics.py), wait (the backend applies
+reports asynchronously), authorize (each reported application), and store
+the authorizations. The report phase streams through the reports in
+chunks, so memory stays flat however many applications are pending.
 """
 
 import collections
@@ -416,7 +416,7 @@ class Flusher:
             for i in same:
                 report = reports[i]
                 if isinstance(outcome, BackendRejected):
-                    self._rejected([report], outcome, cycle, result)  # e.g. 422 not_valid_data: the report would be
+                    self._rejected([report], outcome, cycle, result)  # e.g. 422 not_valid_data: so would its report
                 elif isinstance(outcome, BackendError):
                     log.warning("could not check the metrics of %s, kept for the next cycle: %s",
                                 redact_key(report.report_key), outcome)
