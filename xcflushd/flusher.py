@@ -369,14 +369,12 @@ class Flusher:
                 log.warning("Redis away while reading reports (%s): no new backend calls", exc)
                 return
             result.add(reports=len(reports))
-            checked = iter(self._check([r for r, c in zip(reports, confirmed) if not c], cycle, result, acks))
+            unconfirmed = []
             for i, report in enumerate(reports):
                 metrics = tuple(map(sys.intern, report.usage))
                 to_authorize.add(report.report_key, metric_sets.setdefault(metrics, metrics))  # shared copies
                 if not confirmed[i]:
-                    report = next(checked)
-                    if report is not None:
-                        yield [report]
+                    unconfirmed.append(report)
                     continue
                 if not batching:
                     yield [report]
@@ -390,19 +388,19 @@ class Flusher:
                     params[report.service_id] = 0
                 batch.append(report)
                 params[report.service_id] = params.get(report.service_id, 0) + size
+            yield from ([report] for report in self._checked(unconfirmed, cycle, result, acks))
         if not self._stopping():
             yield from (b for b in batches.values() if b)
 
-    def _check(self, reports: List[Report], cycle: Cycle, result: FlushResult, acks: "_Acks"
-               ) -> List[Optional[Report]]:
-        """Ask the backend about the metrics of reports no cached authorization vouches for.
+    def _checked(self, reports: List[Report], cycle: Cycle, result: FlushResult, acks: "_Acks"
+                 ) -> Iterator[Report]:
+        """Ask the backend about the metrics of reports no cached authorization vouches for; yield
+        each as its answer comes (what the backend knows of it), so its report call starts while
+        other checks are in flight.
 
-        Returns, for each, the report to send (what the backend knows of it),
-        or None: it went to the dead letter whole, or it stays in Redis (kept
-        for the next cycle, or in its hand-over key when stopping). Runs
-        while the report calls of earlier chunks are in flight.
+        A report not yielded went to the dead letter whole, or stays in Redis:
+        put back for the next cycle, or in its hand-over key when stopping.
         """
-        out: List[Optional[Report]] = [None] * len(reports)
         # One check for an application met several times (its leftovers of dead cycles, adopted together).
         alike: Dict[Tuple, List[int]] = {}
         for i, r in enumerate(reports):
@@ -424,8 +422,9 @@ class Flusher:
                     self._apply("restore", [report])
                     result.add(failed=1)
                 else:
-                    out[i] = self._set_aside(report, outcome.refused, result) if outcome.refused else report
-        return out
+                    report = self._set_aside(report, outcome.refused, result) if outcome.refused else report
+                    if report is not None:
+                        yield report
 
     def _set_aside(self, report: Report, refused: Dict[str, Tuple[str, str]], result: FlushResult
                    ) -> Optional[Report]:
