@@ -120,3 +120,12 @@ def test_a_bare_check_answer_is_known_rejected_or_unavailable(status, body):
         assert not (400 <= status < 500) and status != 200
     else:
         assert outcome is None and status in (200, 409)
+
+
+def test_each_answer_of_a_round_is_read_as_what_it_asked(sim, client):
+    # A denied application's bare ask is queued while the same round's other answers are read.
+    items = [(0, "555", WRONG_KEY, ("hits", "hitz"))]
+    items += [(i, "555", Credentials({"app_id": f"free{i}"}), ("hits", "nope")) for i in (1, 2, 3)]
+    outcomes = dict(known_metrics.check(client, items, 1))
+    assert {tag: (c.known, sorted(c.refused)) for tag, c in outcomes.items()} == {
+        0: (("hits",), ["hitz"]), 1: (("hits",), ["nope"]), 2: (("hits",), ["nope"]), 3: (("hits",), ["nope"])}

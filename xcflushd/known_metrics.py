@@ -68,7 +68,8 @@ class _Probe:
             # Asked bare only after a denial that found the application: a name is unknown.
             if len(group) > 1:
                 return [((m,), True) for m in group]
-            self.refused[group[0]] = ("metric_invalid", "HTTP 404 to an authorize with this metric in its usage")
+            self.refused[group[0]] = ("metric_invalid", f"metric_invalid: HTTP 404 to an authorize with "
+                                                        f"usage[{group[0]}]=0 and no_body=1, which names no metric")
             return []
         if isinstance(outcome, BackendError):
             self.done = outcome
@@ -137,8 +138,8 @@ def _run(backend: BackendClient, items: Iterable[Tuple[Any, str, Credentials, Se
         next_bare: List = []
         for asks, no_body in ((body, False), (bare, True)):
             many = backend.check_many if no_body else backend.authorize_many
-            requests = ((a, a[0].service_id, a[0].creds,
-                         tuple(m.strip(_RUBY_SPACE) for m in a[1]) if no_body else a[1]) for a in asks)
+            strip = (lambda names: tuple(m.strip(_RUBY_SPACE) for m in names)) if no_body else tuple
+            requests = ((a, a[0].service_id, a[0].creds, strip(a[1])) for a in asks)
             for (probe, group), outcome in many(requests, concurrency, on_idle=on_idle):
                 probe.waiting -= 1
                 if probe.done is not None:
@@ -152,10 +153,10 @@ def _run(backend: BackendClient, items: Iterable[Tuple[Any, str, Credentials, Se
                 if probe.done is not None:
                     yield probe.tag, probe.done
                     continue
-                for names, no_body in more:
+                for names, bare_ask in more:
                     probe.waiting += 1
                     probe.asked += 1
-                    (next_bare if no_body else next_body).append((probe, names))
+                    (next_bare if bare_ask else next_body).append((probe, names))
         if not next_body and not next_bare:
             return
         body, bare = next_body, next_bare
