@@ -56,27 +56,36 @@ def applied(sim, client, usage):
     return sum(sum(metrics.values()) for apps in sim.backend.received().values() for metrics in apps.values())
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(NAMES, min_size=1, max_size=5, unique=True), st.sampled_from([NOKEYS, WRONG_KEY]))
-def test_known_names_are_reported_and_refused_ones_never_authorized(sim, client, names, creds):
-    checked = only(known_metrics.check(client, [(0, "555", creds, names)], 4))
-    if isinstance(checked, BackendError):
-        # Only a name the answers cannot carry (Rack takes brackets apart) may leave the check undecided.
-        assert any(c in name for name in names for c in "[]"), checked
-        return
-    assert sorted(checked.known + tuple(checked.refused)) == sorted(names)
-    assert checked.status is None
-    if checked.known:
-        # apisonator strips names, and " hits" then overwrites "hits" (a Hash#update): one each.
-        assert applied(sim, client, {m: 1 for m in checked.known}) == len({m.strip() for m in checked.known})
-    for name in checked.refused:
-        assert applied(sim, client, {name: 1}) == 0, name
+APPS = st.lists(st.tuples(st.sampled_from([NOKEYS, WRONG_KEY, Credentials({"app_id": "free2"})]),
+                          st.lists(NAMES, min_size=1, max_size=5, unique=True)), min_size=1, max_size=4)
 
-    values = only(known_metrics.authorize(client, [(0, "555", creds, names)], 4))
-    assert not isinstance(values, BackendError)
-    for name in checked.refused:
-        assert values[name] != "1"
-    assert set(names) <= set(values)
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(APPS, st.integers(1, 4))
+def test_known_names_are_reported_and_refused_ones_never_authorized(sim, client, apps, concurrency):
+    # Several applications in one call of check(): their answers interleave, as in a cycle.
+    items = [(i, "555", creds, names) for i, (creds, names) in enumerate(apps)]
+    outcomes = dict(known_metrics.check(client, items, concurrency))
+    values_of = dict(known_metrics.authorize(client, items, concurrency))
+    assert sorted(outcomes) == sorted(values_of) == list(range(len(apps)))
+    for i, (_, names) in enumerate(apps):
+        checked = outcomes[i]
+        if isinstance(checked, BackendError):
+            # Only a name the answers cannot carry (Rack takes brackets apart) may leave the check undecided.
+            assert any(c in name for name in names for c in "[]"), checked
+            continue
+        assert sorted(checked.known + tuple(checked.refused)) == sorted(names)
+        assert checked.status is None
+        if checked.known:
+            # apisonator strips names, and " hits" then overwrites "hits" (a Hash#update): one each.
+            assert applied(sim, client, {m: 1 for m in checked.known}) == len({m.strip() for m in checked.known})
+        for name in checked.refused:
+            assert applied(sim, client, {name: 1}) == 0, name
+        values = values_of[i]
+        assert not isinstance(values, BackendError)
+        for name in checked.refused:
+            assert values[name] != "1"
+        assert set(names) <= set(values)
 
 
 def test_two_unknown_names_cost_three_calls(sim, client):
