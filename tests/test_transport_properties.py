@@ -28,7 +28,7 @@ from xcflushd.backend import ServiceCredentials, make_client, parse_status
 from xcflushd.defaults import MAX_RESPONSE_BYTES
 from xcflushd.errors import BackendUnavailable, XcflushdError
 from xcflushd.flusher import Flusher, FlushSettings
-from xcflushd.keys import Credentials, report_key
+from xcflushd.keys import Credentials, auth_key, report_key
 from xcflushd.storage import Storage, connect
 from xcflushd.transport import Engine, Response
 from xcflushd_sim.gateway import Gateway
@@ -365,6 +365,7 @@ def test_junk_after_an_answer_is_not_the_next_answer(raw_server):
 def test_a_report_is_deleted_only_after_a_well_framed_2xx(reply, r, redis_server, raw_server):
     r.flushall()
     Gateway(r).cache_report("555", A1, "hits", 3)
+    r.hset(auth_key("555", A1), "hits", "1")  # cached: the report is the cycle's first call, not a metric check
     raw_server.script = reply.script
     requests_before = raw_server.requests
     backend = make_client(raw_server.url, ServiceCredentials("pk-test"), CONNECT_TIMEOUT, READ_TIMEOUT)
