@@ -438,6 +438,9 @@ class Flusher:
             log.warning("could not dead-letter a report, Redis is full: the usage stays in its hand-over key (%s)",
                         exc)
             return None
+        except StorageRefused as exc:
+            self._refuse(exc)
+            return None
         except StorageUnavailable as exc:
             self._redis_lost = str(exc)
             log.warning("Redis away (%s): no new backend calls", exc)
