@@ -193,9 +193,10 @@ def test_a_lost_reply_and_the_retry_lose_nothing_and_count_nothing_twice(lab, po
     assert [c.error for c in cycles] == [None, None], summaries
     assert cycles[0].reports == len(APPS) + 2, summaries  # and BAD, and LEFTOVER
     assert sum(c.delivered for c in cycles) >= len(APPS), summaries
-    # The refused report reaches the dead letter after its second refusal, not its first.
-    refusals_before = [0, 0] if point == "put-back" else [0, 1]
-    assert [c.dead_lettered for c in cycles] == refusals_before, summaries
+    # The refused report reaches the dead letter after its second refusal, not its first. Its
+    # metric check (an authorize call, which the put-back point's report faults leave alone) is
+    # refused in each cycle before its report could be sent, so it counts at every point.
+    assert [c.dead_lettered for c in cycles] == [0, 1], summaries
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
