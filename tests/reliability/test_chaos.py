@@ -155,6 +155,8 @@ def test_nothing_lost_under_kills_restarts_and_faults(tmp_path, daemon_process, 
             daemons.append(daemon)
             try:
                 daemon.wait_for(READY, timeout=60)
+                if watcher is not None:  # a SIGTERM before it set its handlers would end it with -15
+                    watcher.wait_for(READY, timeout=60)
                 if rng.random() < 0.3:  # expire some cached auths: the priority path gets work
                     for app in rng.sample(apps, 5):
                         client.delete(app.auth_key)
