@@ -12,10 +12,18 @@ multiplexed ahead of any flush call; the engine's queue is bounded, and a
 request it cannot take is dropped, counted and logged); the engine hands
 each answer to the answerer thread, which caches and publishes the answers
 at hand in one Redis round trip.
+
+Several daemons on one Redis all receive every request; each request is
+answered by the one that claims it in Redis (storage.claim: one round trip
+per burst of requests the listener reads at once). A claim is released in
+the round trip that publishes its answer, so a daemon that finds a request
+claimed can rely on the holder's answer; a dead holder's claim lapses after
+CLAIM_TTL_MS.
 """
 
 import logging
 import queue
+import secrets
 import threading
 import time
 from typing import Dict, List, Optional, Tuple
@@ -25,7 +33,7 @@ import redis
 from . import metrics
 from .authorizer import authorizations
 from .backend import BackendClient
-from .defaults import AUTH_REQUESTS_CHANNEL
+from .defaults import AUTH_REQUESTS_CHANNEL, CLAIM_TTL_MS
 from .errors import BackendError, MalformedKey, StorageUnavailable
 from .keys import AUTHORIZED, AuthRequest, auth_key, denial_reason, parse_auth_request
 from .outage import OutageTracker
@@ -37,28 +45,35 @@ log = logging.getLogger(__name__)
 
 #: Answers cached and published together in one round trip, at most.
 ANSWER_BATCH = 256
+#: Requests read off the channel and claimed together in one round trip, at most.
+CLAIM_BATCH = 256
 
 
 class PriorityRenewer:
     def __init__(self, client: redis.Redis, storage: Storage, backend: BackendClient,
-                 auth_ttl: int, stop: threading.Event, outage: Optional[OutageTracker] = None):
+                 auth_ttl: int, stop: threading.Event, outage: Optional[OutageTracker] = None,
+                 owner: Optional[str] = None, claim_ttl_ms: int = CLAIM_TTL_MS):
         self.redis = client
         self.storage = storage
-        self.backend = backend
+        self.backend = backend   # replaced on reload: each new call reads it once
         self.auth_ttl = auth_ttl
         self.stop = stop
         self.outage = outage  # --backend-outage allow: requests the backend cannot answer get 1
+        self.owner = owner or "renewer:" + secrets.token_hex(4)   # the value of this daemon's claims
+        self.claim_ttl_ms = claim_ttl_ms
         self.subscribed = threading.Event()   # set while the requests channel is subscribed
         self.last_beat = time.monotonic()     # the listener loop's heartbeat, for the watchdog
         self.answer_beat = time.monotonic()   # the answerer's
         # dedup key -> the requests waiting for that call, with the time each was received
         self._in_flight: Dict[Tuple, List[Tuple[AuthRequest, float]]] = {}
         self._lock = threading.Lock()
-        self._answers: queue.SimpleQueue[Tuple[Tuple, object]] = queue.SimpleQueue()
+        # (dedup key, outcome, claim); a key of None only releases its claim
+        self._answers: queue.SimpleQueue[Tuple[Optional[Tuple], object, str]] = queue.SimpleQueue()
         self._bad = RateLimitedLog(log, "malformed auth requests")
         self._failed = RateLimitedLog(log, "failed priority authorizations")  # e.g. a flood for an unknown service
         self._dropped = RateLimitedLog(log, "dropped priority requests")
         self._not_cached = RateLimitedLog(log, "priority answers not cached")
+        self._unclaimed = RateLimitedLog(log, "priority requests answered without a claim")
         self._thread: Optional[threading.Thread] = None
         self._answerer: Optional[threading.Thread] = None
 
@@ -92,14 +107,18 @@ class PriorityRenewer:
                 while not self.stop.is_set():
                     self.last_beat = time.monotonic()
                     message = pubsub.get_message(timeout=0.5)
-                    if message is None:
-                        continue
-                    if message["type"] == "subscribe":
-                        self.subscribed.set()
-                        backoff = 0.1
-                        log.info("listening for priority auth requests on %s", AUTH_REQUESTS_CHANNEL)
-                    elif message["type"] == "message":
-                        self.handle(message["data"])
+                    batch: List = []
+                    while message is not None:
+                        if message["type"] == "subscribe":
+                            self.subscribed.set()
+                            backoff = 0.1
+                            log.info("listening for priority auth requests on %s", AUTH_REQUESTS_CHANNEL)
+                        elif message["type"] == "message":
+                            batch.append(message["data"])
+                        # What else has arrived goes in the same claim round trip.
+                        message = pubsub.get_message(timeout=0) if len(batch) < CLAIM_BATCH else None
+                    if batch:
+                        self.handle_many(batch)
             except redis.RedisError as exc:
                 self.subscribed.clear()
                 log.warning("auth request listener lost Redis (%s: %s); resubscribing in %.1fs",
@@ -125,34 +144,61 @@ class PriorityRenewer:
 
     def handle(self, raw) -> None:
         """Take one request message; never raises."""
-        received = time.monotonic()
-        try:
-            if not isinstance(raw, str):
-                raise MalformedKey("message is not text")
-            request = parse_auth_request(raw)
-        except MalformedKey as exc:
-            self._bad.warning("malformed auth request skipped: %s", exc)
+        self.handle_many([raw])
+
+    def handle_many(self, raws: List) -> None:
+        """Take request messages in the order received; never raises."""
+        fresh: List[Tuple[Tuple, AuthRequest]] = []
+        for raw in raws:
+            received = time.monotonic()
+            try:
+                if not isinstance(raw, str):
+                    raise MalformedKey("message is not text")
+                request = parse_auth_request(raw)
+            except MalformedKey as exc:
+                self._bad.warning("malformed auth request skipped: %s", exc)
+                continue
+            key = request.dedup_key
+            with self._lock:
+                waiting = self._in_flight.get(key)
+                if waiting is not None:
+                    waiting.append((request, received))  # joins the call in flight
+                    continue
+                self._in_flight[key] = [(request, received)]
+            fresh.append((key, request))
+        if not fresh:
             return
-        key = request.dedup_key
-        with self._lock:
-            waiting = self._in_flight.get(key)
-            if waiting is not None:
-                waiting.append((request, received))  # joins the call in flight
-                return
-            self._in_flight[key] = [(request, received)]
+        try:
+            ours = self.storage.claim([request.raw for _, request in fresh], self.owner, self.claim_ttl_ms)
+        except Exception as exc:  # Redis trouble: better a call another daemon also makes than no answer
+            self._unclaimed.warning("priority requests answered without a claim: %s: %s",
+                                    type(exc).__name__, str(exc)[:120])
+            ours = [True] * len(fresh)
+        for (key, request), mine in zip(fresh, ours):
+            if mine:
+                self._submit(key, request.raw)
+                continue
+            with self._lock:  # another daemon answers these, after they were published
+                waiting = self._in_flight.pop(key, [])
+            for _ in waiting:
+                metrics.priority_request("elsewhere")
+
+    def _submit(self, key: Tuple, claim: str) -> None:
         service_id, creds, _ = key
         try:
-            queued = self.backend.submit_authorize(service_id, creds, lambda outcome: self._answers.put((key, outcome)))
+            queued = self.backend.submit_authorize(service_id, creds,
+                                                   lambda outcome: self._answers.put((key, outcome, claim)))
         except BackendError as exc:  # no credentials for that service: nothing to ask
-            self._answers.put((key, exc))
+            self._answers.put((key, exc, claim))
             return
         except Exception as exc:
             log.error("priority authorize error (%s: %s)", type(exc).__name__, str(exc)[:120])
-            self._answers.put((key, BackendError("not queued")))
+            self._answers.put((key, BackendError("not queued"), claim))
             return
         if not queued:
             with self._lock:
                 waiting = self._in_flight.pop(key, [])
+            self._answers.put((None, None, claim))  # the answerer releases the claim
             for _ in waiting:
                 metrics.priority_request("dropped")
             self._dropped.warning("priority request for service %s %s dropped, gateway not answered: "
@@ -177,12 +223,14 @@ class PriorityRenewer:
             except Exception as exc:  # the answerer must outlive any one surprise
                 log.error("priority answer error (%s: %s)", type(exc).__name__, str(exc)[:120])
 
-    def _answer(self, batch: List[Tuple[Tuple, object]]) -> None:
+    def _answer(self, batch: List[Tuple[Optional[Tuple], object, str]]) -> None:
         auths: Dict[str, Dict[str, str]] = {}
         answers: List[Tuple[str, str]] = []
         answered: List[Tuple[str, float, bool]] = []   # (value, received, joined a call in flight)
         channels = set()
         allowed: List[Tuple[Tuple, List[Tuple[AuthRequest, float]], int]] = []
+        claims: List[str] = [claim for _, _, claim in batch]
+        batch = [(key, outcome) for key, outcome, _ in batch if key is not None]
         # Every call of the batch leaves the in-flight table at once, before anything can fail: an
         # entry left behind would take every later identical request, and never answer it.
         with self._lock:
@@ -217,11 +265,11 @@ class PriorityRenewer:
                 answered.append((values[metric], received, i > 0))
         if allowed:
             self._allow(allowed)
-        if not answered:
+        if not answered and not claims:
             return
         try:
-            # One round trip: cache, then answer (the gateway reads the cache next).
-            refused = self.storage.cache_and_answer(auths, answers, self.auth_ttl)
+            # One round trip: cache, then answer (the gateway reads the cache next), then release the claims.
+            refused = self.storage.cache_and_answer(auths, answers, self.auth_ttl, claims, self.owner)
         except StorageUnavailable as exc:
             # Redis away for longer than the retry policy: whether the answers
             # went out is unknown; they are not sent again (once per request).
