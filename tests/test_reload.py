@@ -5,48 +5,13 @@ signal and checks outcomes: every request answered, and by which backend.
 """
 
 import signal
-import threading
 import urllib.request
 
-from xcftest import DEMO_CONFIG, wait_until
+from xcftest import DEMO_CONFIG, Stream, wait_until
 
 from xcflushd.keys import Credentials
 from xcflushd.sim.gateway import Gateway
 from xcflushd.sim.server import Simulator
-
-
-class Stream:
-    """Distinct priority requests (unknown apps: each answer is a denial, each a backend call),
-    a few at a time, until stopped; ``answers`` in the order asked."""
-
-    def __init__(self, r, workers: int = 3):
-        self.gateway = Gateway(r)
-        self.answers = []
-        self.lock = threading.Lock()
-        self.stopping = threading.Event()
-        self.threads = [threading.Thread(target=self._ask, args=(w,)) for w in range(workers)]
-
-    def _ask(self, worker: int) -> None:
-        n = 0
-        while not self.stopping.is_set():
-            n += 1
-            answer = self.gateway.priority_authorization("555", Credentials({"app_id": f"w{worker}-{n}"}), "hits")
-            with self.lock:
-                self.answers.append(answer)
-
-    def count(self) -> int:
-        with self.lock:
-            return len(self.answers)
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stopping.set()
-        for t in self.threads:
-            t.join(10)
 
 
 def start(daemon_process, tmp_path, redis_server, backend_url, key="pk-test"):
