@@ -7,10 +7,10 @@ before left, as an operator's runs would:
 2. first rollout of release 1 (all three at once: nothing runs there yet): every node runs
    xcflushd, active and READY, flushing;
 3. the same run again (on gw1) changes nothing;
-4. --check --diff on a converged node (gw1) with a change: the diff and the restart shown, nothing done;
-5. a config change restarts the nodes one batch (one node) at a time;
-6. a wrong provider key: the health gate fails gw1 and the rollout stops there;
-7. a run that fails after the config write, then its rerun: the restart is not lost;
+4. --check --diff on a converged node (gw1) with a config change: the diff and the reload shown, nothing done;
+5. a config and unit change restarts the nodes one batch (one node) at a time;
+6. a wrong provider key (reloaded, same process): the health gate fails gw1 and the rollout stops there;
+7. a run that fails after the config write, then its rerun: the reload is not lost;
 8. bad variables, a tampered (or unlisted) release: the play stops before any node;
 9. release 2 while gw2 cannot restart: gw1 runs release 2, gw2 failed, gw3 untouched
    (still release 1, same process), and the run fails;
@@ -139,7 +139,9 @@ def test_check_mode_on_converged_nodes_shows_the_change_and_makes_none(fleet, re
     assert result.returncode == 0, ok(result)
     assert set(result.recap) == {"localhost", "gw1"} and result.recap["gw1"]["failed"] == 0, ok(result)
     assert "-frequency = 5" in result.output and "+frequency = 11" in result.output, ok(result)
-    assert "Restart xcflushd" in result.output, ok(result)  # it says the restart would happen
+    # A config and credential change: it says the reload would happen, and no restart.
+    assert "Reload xcflushd with its new config and credentials" in result.output, ok(result)
+    assert "restarting it" not in result.output, ok(result)
     assert "pk-next-secret" not in result.output and "pk-demo" not in result.output
     assert [(node_state(n), service(n)["MainPID"]) for n in fleet.nodes] == before
     assert fleet.staging_left() == []
@@ -172,15 +174,16 @@ def test_a_wrong_provider_key_stops_the_rollout_at_the_first_node(fleet, release
     # check-backend (one read-only authorize) can see the key refused.
     gw1, gw2, gw3 = fleet.nodes
     before = [(service(n)["MainPID"], ssh_logins(n)) for n in (gw2, gw3)]
+    gw1_pid = service(gw1)["MainPID"]
     result = fleet.play("-e", "xcflushd_provider_key=pk-wrong", release=releases[0])
     assert result.returncode != 0, ok(result)
     assert result.recap["gw1"]["failed"] == 1 and set(result.recap) == {"localhost", "gw1"}, ok(result)
     assert ("gw1: xcflushd is not healthy: the backend refused the provider key (HTTP 403 "
             "provider_key_invalid_or_service_missing") in result.output, ok(result)
     assert "pk-wrong" not in result.output and "pk-demo" not in result.output
-    # gw1 was restarted with the wrong key (and is READY: Redis answered); its stamp is not
-    # recorded, so the next run restarts it again. gw2 and gw3 were never touched.
-    assert service(gw1)["ActiveState"] == "active"
+    # gw1 was reloaded with the wrong key (same process, still answering); its stamp is not
+    # recorded, so the next run reloads it again. gw2 and gw3 were never touched.
+    assert service(gw1)["ActiveState"] == "active" and service(gw1)["MainPID"] == gw1_pid
     assert gw1.run(["cat", "/etc/credstore/xcflushd.provider_key"]).stdout == "pk-wrong\n"
     assert [(service(n)["MainPID"], ssh_logins(n)) for n in (gw2, gw3)] == before
     assert fleet.clear_staging() == 1  # a stopped rollout keeps its staging copy (docs/deployment.md)
@@ -194,10 +197,11 @@ def running_frequency(node) -> float:
     return float(mine["frequency"])
 
 
-def test_a_run_that_fails_after_the_config_write_loses_no_restart(fleet, releases):
+def test_a_run_that_fails_after_the_config_write_loses_no_reload(fleet, releases):
     # The config file is written, then the drop-in fails its check: the run stops before the
-    # restart handler. The rerun finds the config file in place (nothing to change) and must
-    # restart anyway, because the running daemon was not started from it.
+    # handlers. The rerun finds the config file in place (nothing to change) and must reload
+    # anyway, because the running daemon did not read it; the unit is unchanged, so the
+    # same process takes it.
     gw1 = fleet.nodes[0]
     pid = service(gw1)["MainPID"]
     failed = fleet.play("--limit", "gw1", "-e", "xcflushd_frequency=9",
@@ -211,7 +215,7 @@ def test_a_run_that_fails_after_the_config_write_loses_no_restart(fleet, release
 
     rerun = fleet.play("--limit", "gw1", "-e", "xcflushd_frequency=9", release=releases[0])
     assert rerun.returncode == 0, ok(rerun)
-    assert service(gw1)["MainPID"] != pid and service(gw1)["ActiveState"] == "active"
+    assert service(gw1)["MainPID"] == pid and service(gw1)["ActiveState"] == "active"
     assert running_frequency(gw1) == 9
     assert fleet.staging_left() == []  # removed after the last batch, though --limit left out localhost
 
