@@ -107,3 +107,14 @@ def test_killing_one_of_two_daemons_leaves_every_later_request_answered(
     assert len(after) >= 30
     assert after == ["0:application_not_found"] * len(after)
     assert survivor.proc.poll() is None
+
+
+def test_a_claim_is_ours_again_when_re_sent_and_never_another_daemons(r):
+    """A claim re-sent after a lost reply (the retry policy) finds its own claim: still ours."""
+    from xcflushd.storage import Storage
+
+    storage = Storage(r)
+    assert storage.claim(["m1", "m2"], "daemon-a", 3000) == [True, True]
+    assert storage.claim(["m1", "m3"], "daemon-a", 3000) == [True, True]
+    assert storage.claim(["m1", "m2", "m3", "m4"], "daemon-b", 3000) == [False, False, False, True]
+    assert 0 < r.pttl(CLAIM_PREFIX + "m1") <= 3000

@@ -454,11 +454,9 @@ return {refused, failure}
 _CLAIM = """
 local out = {}
 for k = 1, #KEYS do
-  local holder = redis.call('GET', KEYS[k])
-  if not holder or holder == ARGV[1] then
-    redis.pcall('SET', KEYS[k], ARGV[1], 'PX', ARGV[2])
-    out[k] = 1
-  else
+  out[k] = 1
+  if redis.pcall('SET', KEYS[k], ARGV[1], 'NX', 'PX', ARGV[2]) == false
+     and redis.call('GET', KEYS[k]) ~= ARGV[1] then
     out[k] = 0
   end
 end
