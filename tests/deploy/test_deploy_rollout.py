@@ -8,17 +8,18 @@ before left, as an operator's runs would:
    xcflushd, active and READY, flushing;
 3. the same run again (on gw1) changes nothing;
 4. --check --diff on a converged node (gw1) with a config change: the diff and the reload shown, nothing done;
-5. a config and unit change restarts the nodes one batch (one node) at a time;
-6. a wrong provider key (reloaded, same process): the health gate fails gw1 and the rollout stops there;
-7. a run that fails after the config write, then its rerun: the reload is not lost;
-8. bad variables, a tampered (or unlisted) release: the play stops before any node;
-9. release 2 while gw2 cannot restart: gw1 runs release 2, gw2 failed, gw3 untouched
+5. a config change alone (on gw1) reloads the same process, which then runs on the new config;
+6. a config and unit change restarts the nodes one batch (one node) at a time;
+7. a wrong provider key: the health gate fails gw1 and the rollout stops there;
+8. a run that fails after the config write, then its rerun: the restart is not lost;
+9. bad variables, a tampered (or unlisted) release: the play stops before any node;
+10. release 2 while gw2 cannot restart: gw1 runs release 2, gw2 failed, gw3 untouched
    (still release 1, same process), and the run fails;
-10. gw2 fixed, the same run again (limited to gw2, to keep the test short): gw2 is installed
+11. gw2 fixed, the same run again (limited to gw2, to keep the test short): gw2 is installed
     and restarted again and comes up;
-11. the rollback to release 1, run from the collection as ansible-galaxy installs it.
+12. the rollback to release 1, run from the collection as ansible-galaxy installs it.
 
-Runs 1, 3 and 4 check what a run does on one node, which does not depend on the others, so
+Runs 1, 3, 4 and 5 check what a run does on one node, which does not depend on the others, so
 they go to gw1 and the controller only: the nodes are alike, and each node adds some 8
 CPU-seconds to a play, in a suite that is bound by its CPU.
 """
@@ -34,7 +35,7 @@ from .conftest import RELEASE2_UNIT_MARK
 
 pytestmark = pytest.mark.lab
 
-#: Runs 1, 3 and 4 (see above): gw1 and the controller.
+#: Runs 1, 3, 4 and 5 (see above): gw1 and the controller.
 ONE_NODE = ("--limit", "localhost,gw1")
 
 UNIT = "xcflushd"
@@ -147,6 +148,17 @@ def test_check_mode_on_converged_nodes_shows_the_change_and_makes_none(fleet, re
     assert fleet.staging_left() == []
 
 
+def test_a_config_change_alone_reloads_the_same_process(fleet, releases):
+    gw1 = fleet.nodes[0]
+    before = service(gw1)
+    result = fleet.play(*ONE_NODE, "-e", "xcflushd_frequency=6", release=releases[0])
+    assert result.returncode == 0, ok(result)
+    after = service(gw1)
+    assert (after["MainPID"], after["NRestarts"]) == (before["MainPID"], before["NRestarts"]), (before, after)
+    assert after["ActiveState"] == "active" and running_frequency(gw1) == 6
+    assert "reloaded: backend=" in gw1.journal("xcflushd.service", "-n", "50")
+
+
 def test_config_change_restarts_one_batch_at_a_time(fleet, releases):
     # A setting of the config file and a unit drop-in (verified with the unit, then
     # daemon-reload): one restart per node for both.
@@ -174,16 +186,16 @@ def test_a_wrong_provider_key_stops_the_rollout_at_the_first_node(fleet, release
     # check-backend (one read-only authorize) can see the key refused.
     gw1, gw2, gw3 = fleet.nodes
     before = [(service(n)["MainPID"], ssh_logins(n)) for n in (gw2, gw3)]
-    gw1_pid = service(gw1)["MainPID"]
     result = fleet.play("-e", "xcflushd_provider_key=pk-wrong", release=releases[0])
     assert result.returncode != 0, ok(result)
     assert result.recap["gw1"]["failed"] == 1 and set(result.recap) == {"localhost", "gw1"}, ok(result)
     assert ("gw1: xcflushd is not healthy: the backend refused the provider key (HTTP 403 "
             "provider_key_invalid_or_service_missing") in result.output, ok(result)
     assert "pk-wrong" not in result.output and "pk-demo" not in result.output
-    # gw1 was reloaded with the wrong key (same process, still answering); its stamp is not
-    # recorded, so the next run reloads it again. gw2 and gw3 were never touched.
-    assert service(gw1)["ActiveState"] == "active" and service(gw1)["MainPID"] == gw1_pid
+    # gw1 was restarted with the wrong key (the run also removed the last test's drop-in) and
+    # is READY: Redis answered; its stamp is not recorded, so the next run restarts it again.
+    # gw2 and gw3 were never touched.
+    assert service(gw1)["ActiveState"] == "active"
     assert gw1.run(["cat", "/etc/credstore/xcflushd.provider_key"]).stdout == "pk-wrong\n"
     assert [(service(n)["MainPID"], ssh_logins(n)) for n in (gw2, gw3)] == before
     assert fleet.clear_staging() == 1  # a stopped rollout keeps its staging copy (docs/deployment.md)
@@ -197,11 +209,11 @@ def running_frequency(node) -> float:
     return float(mine["frequency"])
 
 
-def test_a_run_that_fails_after_the_config_write_loses_no_reload(fleet, releases):
+def test_a_run_that_fails_after_the_config_write_loses_no_restart(fleet, releases):
     # The config file is written, then the drop-in fails its check: the run stops before the
-    # handlers. The rerun finds the config file in place (nothing to change) and must reload
-    # anyway, because the running daemon did not read it; the unit is unchanged, so the
-    # same process takes it.
+    # restart handler. The rerun finds the config file in place (nothing to change) and must
+    # restart anyway, because the running daemon was not started from it (nor from this unit:
+    # the last recorded run had a drop-in).
     gw1 = fleet.nodes[0]
     pid = service(gw1)["MainPID"]
     failed = fleet.play("--limit", "gw1", "-e", "xcflushd_frequency=9",
@@ -215,7 +227,7 @@ def test_a_run_that_fails_after_the_config_write_loses_no_reload(fleet, releases
 
     rerun = fleet.play("--limit", "gw1", "-e", "xcflushd_frequency=9", release=releases[0])
     assert rerun.returncode == 0, ok(rerun)
-    assert service(gw1)["MainPID"] == pid and service(gw1)["ActiveState"] == "active"
+    assert service(gw1)["MainPID"] != pid and service(gw1)["ActiveState"] == "active"
     assert running_frequency(gw1) == 9
     assert fleet.staging_left() == []  # removed after the last batch, though --limit left out localhost
 
