@@ -12,8 +12,8 @@ from xcftest import DEMO_CONFIG, Stream, wait_until
 
 from xcflushd.defaults import CLAIM_PREFIX
 from xcflushd.keys import Credentials
-from xcflushd.sim.gateway import Gateway
-from xcflushd.sim.server import Simulator
+from xcflushd_sim.gateway import Gateway
+from xcflushd_sim.server import Simulator
 
 A1 = Credentials({"app_id": "a1b2c3", "app_key": "s3cr3t"})
 

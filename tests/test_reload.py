@@ -10,8 +10,8 @@ import urllib.request
 from xcftest import DEMO_CONFIG, Stream, wait_until
 
 from xcflushd.keys import Credentials
-from xcflushd.sim.gateway import Gateway
-from xcflushd.sim.server import Simulator
+from xcflushd_sim.gateway import Gateway
+from xcflushd_sim.server import Simulator
 
 
 def start(daemon_process, tmp_path, redis_server, backend_url, key="pk-test"):

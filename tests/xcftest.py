@@ -214,6 +214,6 @@ class Stream:
 
 
 def _gateway(r):
-    from xcflushd.sim.gateway import Gateway
+    from xcflushd_sim.gateway import Gateway
 
     return Gateway(r)
