@@ -55,7 +55,9 @@ def test_two_daemons_make_one_call_and_one_publish_per_distinct_request(sim, r, 
     published.close()
     assert sim.backend.calls()["authorize"] == n
     assert published.count == n
-    assert not list(r.scan_iter(match=CLAIM_PREFIX + "*"))  # released with the answers
+    # Each request claimed by one of the two, for a few seconds: a daemon that reads it late skips it.
+    holders = [r.get(key) for key in r.scan_iter(match=CLAIM_PREFIX + "*")]
+    assert len(holders) == n and set(holders) <= {first.owner, second.owner}
 
 
 def test_identical_concurrent_requests_to_two_daemons_make_one_call(redis_server, r, renewer_for):

@@ -15,10 +15,11 @@ at hand in one Redis round trip.
 
 Several daemons on one Redis all receive every request; each request is
 answered by the one that claims it in Redis (storage.claim: one round trip
-per burst of requests the listener reads at once). A claim is released in
-the round trip that publishes its answer, so a daemon that finds a request
-claimed can rely on the holder's answer; a dead holder's claim lapses after
-CLAIM_TTL_MS.
+per burst of requests the listener reads at once). A claim is not released
+on answer but lapses after CLAIM_TTL_MS: its holder takes an identical
+request again as its own, so a daemon that finds a request claimed can rely
+on the holder to answer it, and one that reads a request late cannot answer
+it a second time. A dead holder's claims lapse with their TTL.
 """
 
 import logging
@@ -67,8 +68,7 @@ class PriorityRenewer:
         # dedup key -> the requests waiting for that call, with the time each was received
         self._in_flight: Dict[Tuple, List[Tuple[AuthRequest, float]]] = {}
         self._lock = threading.Lock()
-        # (dedup key, outcome, claim); a key of None only releases its claim
-        self._answers: queue.SimpleQueue[Tuple[Optional[Tuple], object, str]] = queue.SimpleQueue()
+        self._answers: queue.SimpleQueue[Tuple[Tuple, object]] = queue.SimpleQueue()
         self._bad = RateLimitedLog(log, "malformed auth requests")
         self._failed = RateLimitedLog(log, "failed priority authorizations")  # e.g. a flood for an unknown service
         self._dropped = RateLimitedLog(log, "dropped priority requests")
@@ -174,31 +174,29 @@ class PriorityRenewer:
             self._unclaimed.warning("priority requests answered without a claim: %s: %s",
                                     type(exc).__name__, str(exc)[:120])
             ours = [True] * len(fresh)
-        for (key, request), mine in zip(fresh, ours):
+        for (key, _), mine in zip(fresh, ours):
             if mine:
-                self._submit(key, request.raw)
+                self._submit(key)
                 continue
             with self._lock:  # another daemon answers these, after they were published
                 waiting = self._in_flight.pop(key, [])
             for _ in waiting:
                 metrics.priority_request("elsewhere")
 
-    def _submit(self, key: Tuple, claim: str) -> None:
+    def _submit(self, key: Tuple) -> None:
         service_id, creds, _ = key
         try:
-            queued = self.backend.submit_authorize(service_id, creds,
-                                                   lambda outcome: self._answers.put((key, outcome, claim)))
+            queued = self.backend.submit_authorize(service_id, creds, lambda outcome: self._answers.put((key, outcome)))
         except BackendError as exc:  # no credentials for that service: nothing to ask
-            self._answers.put((key, exc, claim))
+            self._answers.put((key, exc))
             return
         except Exception as exc:
             log.error("priority authorize error (%s: %s)", type(exc).__name__, str(exc)[:120])
-            self._answers.put((key, BackendError("not queued"), claim))
+            self._answers.put((key, BackendError("not queued")))
             return
         if not queued:
             with self._lock:
                 waiting = self._in_flight.pop(key, [])
-            self._answers.put((None, None, claim))  # the answerer releases the claim
             for _ in waiting:
                 metrics.priority_request("dropped")
             self._dropped.warning("priority request for service %s %s dropped, gateway not answered: "
@@ -223,14 +221,12 @@ class PriorityRenewer:
             except Exception as exc:  # the answerer must outlive any one surprise
                 log.error("priority answer error (%s: %s)", type(exc).__name__, str(exc)[:120])
 
-    def _answer(self, batch: List[Tuple[Optional[Tuple], object, str]]) -> None:
+    def _answer(self, batch: List[Tuple[Tuple, object]]) -> None:
         auths: Dict[str, Dict[str, str]] = {}
         answers: List[Tuple[str, str]] = []
         answered: List[Tuple[str, float, bool]] = []   # (value, received, joined a call in flight)
         channels = set()
         allowed: List[Tuple[Tuple, List[Tuple[AuthRequest, float]], int]] = []
-        claims: List[str] = [claim for _, _, claim in batch]
-        batch = [(key, outcome) for key, outcome, _ in batch if key is not None]
         # Every call of the batch leaves the in-flight table at once, before anything can fail: an
         # entry left behind would take every later identical request, and never answer it.
         with self._lock:
@@ -265,11 +261,11 @@ class PriorityRenewer:
                 answered.append((values[metric], received, i > 0))
         if allowed:
             self._allow(allowed)
-        if not answered and not claims:
+        if not answered:
             return
         try:
-            # One round trip: cache, then answer (the gateway reads the cache next), then release the claims.
-            refused = self.storage.cache_and_answer(auths, answers, self.auth_ttl, claims, self.owner)
+            # One round trip: cache, then answer (the gateway reads the cache next).
+            refused = self.storage.cache_and_answer(auths, answers, self.auth_ttl)
         except StorageUnavailable as exc:
             # Redis away for longer than the retry policy: whether the answers
             # went out is unknown; they are not sent again (once per request).

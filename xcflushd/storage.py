@@ -415,15 +415,11 @@ ALLOW_OOM = "#!lua flags=allow-oom\n"
 # command: through a pipeline each of those cost ~8 us of the daemon's CPU to
 # pack and read back, three per priority answer. No allow-oom: a full Redis
 # refuses an HSET (counted, the script goes on) and still takes the PUBLISH.
-# KEYS: the auth hashes, then the priority claims answered (renewer.py);
-# ARGV: ttl, then per hash its number of fields, then the fields and values,
-# then channel and message pairs, then the claims' owner and their number.
-# A claim goes in the same call as its answer: a daemon that finds it taken
-# can rely on an answer published after its request.
+# KEYS: the auth hashes; ARGV: ttl, then per hash its number of fields, then
+# the fields and values, then channel and message pairs.
 # Returns {hashes refused for want of memory, first other error or ''}.
 _CACHE_AND_ANSWER = """
-local claims = tonumber(ARGV[#ARGV])
-local n = #KEYS - claims
+local n = #KEYS
 local at = n + 2
 local refused, failure = 0, ''
 for k = 1, n do
@@ -437,19 +433,18 @@ for k = 1, n do
     redis.call('EXPIRE', KEYS[k], ARGV[1])
   end
 end
-while at < #ARGV - 1 do
+while at < #ARGV do
   redis.call('PUBLISH', ARGV[at], ARGV[at + 1])
   at = at + 2
-end
-for k = n + 1, #KEYS do
-  if redis.call('GET', KEYS[k]) == ARGV[#ARGV - 1] then redis.call('DEL', KEYS[k]) end
 end
 return {refused, failure}
 """
 # Priority claims, one per request message (renewer.py): taken when free or
-# already ours (a command re-sent after a lost reply finds its own claim),
-# with a TTL so that a dead daemon's claim lapses. A claim that cannot be
-# written (maxmemory) counts as taken: better two calls than no answer.
+# already ours (a command re-sent after a lost reply finds its own claim, and
+# a holder takes an identical request again), with a TTL so that a dead
+# daemon's claim lapses; not released on answer (see renewer.py). A claim
+# that cannot be written (maxmemory) counts as taken: better two calls than
+# no answer.
 # KEYS: the claims; ARGV: owner, ttl in ms. Returns 1 (ours) or 0 per claim.
 _CLAIM = """
 local out = {}
@@ -485,8 +480,8 @@ class Storage:
         self.redis = client
         self.chunk = chunk
         self._cache_script = None
-        self._keep_alive_script = None
         self._claim_script = None
+        self._keep_alive_script = None
         self._scripts: Optional[Dict[str, object]] = None
 
     def _script(self, name: str):
@@ -802,14 +797,13 @@ class Storage:
 
     @_storage_errors
     def cache_and_answer(self, auths: Dict[str, Dict[str, str]], answers: Sequence[Tuple[str, str]],
-                         ttl: int, claims: Sequence[str] = (), owner: str = "") -> int:
-        """Write auth hashes and publish priority answers, in this order, in one round trip,
-        then release ``owner``'s ``claims`` (see ``claim``).
+                         ttl: int) -> int:
+        """Write auth hashes and publish priority answers, in this order, in one round trip.
 
         PUBLISH needs no memory, so the answers go out even when Redis
         refuses the auth hashes; returns how many it refused.
         """
-        return self._cache_and_answer(auths.items(), answers, ttl, claims, owner)
+        return self._cache_and_answer(auths.items(), answers, ttl)
 
     @_storage_errors
     def claim(self, messages: Sequence[str], owner: str, ttl_ms: int) -> List[bool]:
@@ -821,7 +815,7 @@ class Storage:
         return [bool(t) for t in taken]
 
     def _cache_and_answer(self, auths: Iterable[Tuple[str, Dict[str, str]]], answers: Sequence[Tuple[str, str]],
-                          ttl: int, claims: Sequence[str] = (), owner: str = "") -> int:
+                          ttl: int) -> int:
         keys: List[str] = []
         counts: List[int] = []
         fields: List[str] = []
@@ -834,8 +828,6 @@ class Storage:
         args: List[Any] = [ttl, *counts, *fields]
         for answer in answers:
             args.extend(answer)
-        args += [owner, len(claims)]
-        keys.extend(CLAIM_PREFIX + m for m in claims)
         if self._cache_script is None:
             self._cache_script = self.redis.register_script(_CACHE_AND_ANSWER)
         refused, failure = self._cache_script(keys=keys, args=args)
