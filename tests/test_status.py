@@ -128,3 +128,34 @@ def test_a_daemon_whose_flushing_stalled_makes_it_degraded(r, redis_server):
     assert "    metrics not served\n" in out and "no flush cycle finished yet" in out
     code, out, _ = status("--redis", redis_server.address, "--json")
     assert code == 1 and json.loads(out)["daemons"][0]["id"] == beat.id
+
+
+def test_two_daemons_on_one_redis_are_listed_and_the_one_that_took_the_last_cycle_is_named(r, redis_server):
+    """Two live heartbeats (the daemon's own writer), each with a finished cycle: the later
+    cycle's daemon is named; a refused reload makes the status degraded and says why."""
+    import threading
+    import time
+
+    from xcflushd.flusher import FlushResult
+    from xcflushd.heartbeat import Heartbeat
+
+    beats = []
+    for age, began in ((30, time.time() - 20), (0, time.time() - 5)):  # listed oldest first
+        beat = Heartbeat(r, 60, threading.Event(), clock=lambda age=age: time.time() - age)
+        result = FlushResult()
+        result.started_at, result.finished_at = began, began + 1
+        beat.cycle_ended(result)
+        beats.append(beat)
+    first, second = beats
+    code, out, _ = status("--redis", redis_server.address, "--json")
+    doc = json.loads(out)
+    assert code == 0 and len(doc["daemons"]) == 2 and doc["last_cycle_by"] == second.id
+    code, out, _ = status("--redis", redis_server.address)
+    assert code == 0 and "daemons alive:  2" in out
+    listed = [line for line in out.splitlines() if line.startswith(f"  {second.host} pid {second.pid} ")]
+    assert len(listed) == 2 and ["took the last cycle" in line for line in listed] == [False, True], out
+    first.record["reload"] = {"at": time.time(), "ok": False, "error": "--backend: scheme must be http or https"}
+    assert first.beat()
+    code, out, _ = status("--redis", redis_server.address)
+    assert code == 1 and "last reload REFUSED" in out
+    assert f"{first.host}:{first.pid}: last reload refused: --backend: scheme must be http or https" in out

@@ -1,5 +1,6 @@
 """Test support shared by every test directory: a throw-away redis-server, the
-demo backend configuration, and the daemon as a real process.
+demo backend configuration, the daemon as a real process, and a gateway's
+steady stream of priority requests.
 
 Imported as ``xcftest`` (a name no other directory uses: each test directory
 has its own conftest.py, so ``from conftest import ...`` is ambiguous).
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -166,3 +168,52 @@ def wait_until(predicate, timeout: float, what: str = "condition", interval: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+class Stream:
+    """A gateway's distinct priority requests (unknown apps: each answer is a denial, each a backend call),
+    a few at a time, until stopped; ``answers`` in the order asked."""
+
+    def __init__(self, r, workers: int = 3):
+        self.gateway = _gateway(r)
+        self.answers = []   # in the order answered
+        self.asked = []     # (monotonic time asked, answer)
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._ask, args=(w,)) for w in range(workers)]
+
+    def _ask(self, worker: int) -> None:
+        n = 0
+        while not self.stopping.is_set():
+            n += 1
+            asked = time.monotonic()
+            answer = self.gateway.priority_authorization("555", self.credentials(f"w{worker}-{n}"), "hits")
+            with self.lock:
+                self.answers.append(answer)
+                self.asked.append((asked, answer))
+
+    @staticmethod
+    def credentials(app_id: str):
+        from xcflushd.keys import Credentials
+
+        return Credentials({"app_id": app_id})
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.answers)
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopping.set()
+        for t in self.threads:
+            t.join(10)
+
+
+def _gateway(r):
+    from xcflushd_sim.gateway import Gateway
+
+    return Gateway(r)

@@ -234,7 +234,10 @@ def main(argv: Optional[List[str]] = None, environ=None) -> int:
         return _check_backend(settings)
     from .daemon import Daemon  # after validation: a bad flag costs no imports
 
-    daemon = Daemon(settings, environ)
+    def reread():  # SIGHUP: the same command line and environment, the files read again
+        return build_settings(build_parser().parse_args(argv, env_vars=environ), environ)
+
+    daemon = Daemon(settings, environ, reread)
     try:
         return daemon.flush() if settings.command == "flush" else daemon.run()
     except ConfigError as exc:

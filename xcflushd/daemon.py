@@ -6,8 +6,15 @@ requests and the answerer publishes their answers; the backend engine thread
 makes every backend call. The watchdog is fed only while all of them show
 life, so a wedged thread gets the service restarted, while a Redis or backend
 outage (threads alive, retrying) does not.
+
+SIGHUP reloads: the main thread re-reads the configuration as a start does
+and, when it validates, starts a new backend engine for new calls; the
+priority subscription stays up, calls in flight finish on the old engine,
+which is closed once idle, and a flush cycle in progress ends with the engine
+and settings it began with.
 """
 
+import dataclasses
 import faulthandler
 import logging
 import os
@@ -15,7 +22,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Mapping, Optional
+from typing import Callable, List, Mapping, Optional
 
 from . import __version__, defaults, exporter, metrics
 from .backend import ServiceCredentials, client_for
@@ -32,6 +39,10 @@ from .storage import Storage, connect
 log = logging.getLogger(__name__)
 
 TERM_MARGIN = 5.0  # seconds to write the outcomes of the last backend calls before a stop gives up
+#: Settings a reload cannot change, as the options that set them: they need a restart.
+RESTART_ONLY = (("redis_url", "--redis"), ("redis_password", "the Redis password"),
+                ("metrics_listen", "--metrics-listen"), ("backend_outage", "--backend-outage"),
+                ("max_stale", "--max-stale"))
 
 
 def _clock(ts: Optional[float]) -> str:
@@ -39,26 +50,30 @@ def _clock(ts: Optional[float]) -> str:
 
 
 class Daemon:
-    def __init__(self, settings: Settings, environ: Mapping[str, str] = os.environ):
+    def __init__(self, settings: Settings, environ: Mapping[str, str] = os.environ,
+                 reread: Optional[Callable[[], Settings]] = None):
         self.settings = settings
+        self.reread = reread          # reads the configuration again, as the start did; ConfigError if bad
         self.stop = threading.Event()
+        self.reload_wanted = threading.Event()  # set by SIGHUP; the main thread reloads
         self.notifier = Notifier(environ)
         self.last_result: Optional[FlushResult] = None
         s = settings
         # Redis clients: the listener, the answerer, the scheduler, the heartbeat, and spares.
         self.redis = connect(s.redis_url, s.redis_password, pool_size=16)
         self.storage = Storage(self.redis)
-        self.backend = client_for(s, ServiceCredentials(s.provider_key, s.service_tokens),
-                                  priority_concurrency=s.prio_threads, priority_queue=defaults.PRIO_QUEUE,
-                                  max_connections=s.threads + s.prio_threads + 8)
+        self.backend = _backend_client(s)
         # Its own stop: it beats on after SIGTERM, until the cycle in progress has ended.
         self.heartbeat = Heartbeat(self.redis, s.frequency, threading.Event())
         self.outage = OutageTracker(s.backend_outage, s.max_stale)
         self.backend.observer = self.outage.observe
         self.heartbeat.record["outage"] = self.outage.snapshot()
-        self.flusher = Flusher(self.storage, self.backend, FlushSettings(
-            auth_ttl=s.auth_ttl, report_auth_wait=s.report_auth_wait, batch_size=s.report_batch_size,
-            concurrency=s.threads), self.stop, owner=self.heartbeat.id, outage=self.outage)
+        self.flusher = Flusher(self.storage, self.backend, _flush_settings(s), self.stop, owner=self.heartbeat.id,
+                               outage=self.outage)
+        # What the next flush cycle starts with, and engines replaced by a reload, not yet closed.
+        self._next_cycle = (self.backend, self.flusher.settings)
+        self._retired: List = []
+        self._swap = threading.Lock()
         self.backlog = exporter.BacklogWatch(self.redis, self.stop, defaults.BACKLOG_INTERVAL)
         self.metrics_server = None
 
@@ -81,6 +96,7 @@ class Daemon:
     def run(self) -> int:
         s = self.settings
         self._install_signals()
+        signal.signal(signal.SIGHUP, lambda signum, frame: self.reload_wanted.set())
         # A thread that wants the GIL waits up to this long for a busy one: 1 ms
         # instead of 5 keeps priority answers quick while a flush cycle runs.
         sys.setswitchinterval(0.001)
@@ -94,10 +110,11 @@ class Daemon:
                  f" max_stale={s.max_stale}s" if s.backend_outage != "strict" else "")
         self.backend.transport.start()
         self.renewer = PriorityRenewer(self.redis, self.storage, self.backend, s.auth_ttl, self.stop,
-                                       outage=self.outage).start()
+                                       outage=self.outage, owner=self.heartbeat.id).start()
+        metrics.config_loaded(True, time.time())
         # Leftovers of dead cycles are looked for at least every cycle when cycles are frequent,
         # so they are adopted within about two cycles.
-        self.scheduler = Scheduler(self.flusher.flush_once, s.frequency, self.stop,
+        self.scheduler = Scheduler(self._flush_cycle, s.frequency, self.stop,
                                    min(defaults.RECOVERY_INTERVAL, s.frequency), on_result=self._on_result)
         if self._wait_for_redis():
             self.notifier.ready(f"ready; first flush now, then every {s.frequency}s")
@@ -140,6 +157,10 @@ class Daemon:
         interval = self.notifier.watchdog_interval
         redis_was_up = True
         while not self.stop.wait(min(interval or 1.0, 1.0)):
+            if self.reload_wanted.is_set():
+                self.reload_wanted.clear()
+                self.reload()
+            self._close_retired()
             if interval and self._healthy(2 * interval):
                 self.notifier.watchdog()
             redis_up = self.renewer.subscribed.is_set()
@@ -156,6 +177,67 @@ class Daemon:
         return (self.scheduler.alive() and now - scheduler_beat < window
                 and self.renewer.alive() and now - self.renewer.beat() < window
                 and engine.alive() and now - engine.last_beat < window)
+
+    def _flush_cycle(self, recover: bool) -> FlushResult:
+        """The scheduler's job: a cycle takes the engine and settings of the last reload
+        and keeps them to its end."""
+        with self._swap:
+            self.flusher.backend, self.flusher.settings = self._next_cycle
+        return self.flusher.flush_once(recover)
+
+    # ---- reloading ---------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Apply the configuration read again (SIGHUP); keep the running one if it does not validate."""
+        old = self.settings
+        self.notifier.reloading("reloading the configuration")
+        try:
+            if self.reread is None:
+                raise ConfigError("this daemon was not started from a command line it can read again")
+            new = self.reread()
+            backend = _backend_client(new)
+        except Exception as exc:  # ConfigError says it in one line; anything else must not end the daemon
+            reason = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+            log.error("reload refused, running on with the last good configuration: %s", reason)
+            self._reloaded(False, reason)
+            return False
+        fixed = [option for field, option in RESTART_ONLY if getattr(new, field) != getattr(old, field)]
+        new = dataclasses.replace(new, **{field: getattr(old, field) for field, _ in RESTART_ONLY})
+        backend.observer = self.outage.observe
+        backend.transport.start()
+        retired, self.backend = self.backend, backend
+        self.renewer.backend, self.renewer.auth_ttl = backend, new.auth_ttl  # new priority calls
+        with self._swap:
+            self._next_cycle = (backend, _flush_settings(new))
+            self._retired.append((retired, time.monotonic()))
+        self.scheduler.frequency = new.frequency  # from the next cycle's deadline on
+        self.heartbeat.record["frequency"] = new.frequency
+        metrics.flush_frequency(new.frequency)
+        logging.getLogger().setLevel(new.log_level)
+        self.settings = new
+        log.info("reloaded: backend=%s frequency=%ss auth_ttl=%ss threads=%d prio_threads=%d%s",
+                 new.backend_url, new.frequency, new.auth_ttl, new.threads, new.prio_threads,
+                 f"; not applied until a restart: {', '.join(fixed)}" if fixed else "")
+        self._reloaded(True, None)
+        return True
+
+    def _reloaded(self, ok: bool, error: Optional[str]) -> None:
+        now = time.time()
+        metrics.config_loaded(ok, now)
+        self.heartbeat.record["reload"] = {"at": round(now, 3), "ok": ok, "error": error}
+        self.heartbeat.beat()
+        self.notifier.ready(self._status() if ok else f"reload refused, last good configuration kept: {error}")
+
+    def _close_retired(self) -> None:
+        """Close the engines a reload replaced once no cycle uses them and their calls are done
+        (after a second: the listener may have read the old engine just before the swap)."""
+        now = time.monotonic()
+        with self._swap:
+            done = [entry for entry in self._retired if now - entry[1] > 1.0
+                    and entry[0] is not self.flusher.backend and entry[0].transport.idle()]
+            self._retired = [entry for entry in self._retired if entry not in done]
+        for backend, _ in done:
+            backend.close()
 
     def _on_result(self, result: FlushResult) -> None:
         self.last_result = result
@@ -230,5 +312,17 @@ class Daemon:
         return 0
 
     def _close(self) -> None:
-        self.backend.close()
+        for backend in [*(b for b, _ in self._retired), self.backend]:
+            backend.close()
         self.redis.close()
+
+
+def _backend_client(s: Settings):
+    return client_for(s, ServiceCredentials(s.provider_key, s.service_tokens),
+                      priority_concurrency=s.prio_threads, priority_queue=defaults.PRIO_QUEUE,
+                      max_connections=s.threads + s.prio_threads + 8)
+
+
+def _flush_settings(s: Settings) -> FlushSettings:
+    return FlushSettings(auth_ttl=s.auth_ttl, report_auth_wait=s.report_auth_wait, batch_size=s.report_batch_size,
+                         concurrency=s.threads)

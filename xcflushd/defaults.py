@@ -14,6 +14,9 @@ THREADS = 32                    # flush-cycle backend calls in flight at once
 # 5000 distinct requests at 30 ms is answered well inside the gateway's 3 s; more would only load
 # the backend harder.
 PRIO_THREADS = 128
+# A daemon's claim on a priority request lapses after this if it dies holding it; the gateway
+# has given up by then (it waits 3 s). A slower call may end up made twice, never unanswered.
+CLAIM_TTL_MS = 3000
 PRIO_QUEUE = 10000              # priority requests waiting for a slot; beyond: dropped, logged, counted
 BACKEND_CONNECT_TIMEOUT = 5
 BACKEND_READ_TIMEOUT = 10
@@ -56,3 +59,4 @@ FAILURES_HASH = "xcflushd:report_failures"
 LEASE_PREFIX = "xcflushd:lease:"
 HEARTBEAT_PREFIX = "xcflushd:daemon:"   # + a daemon's id: its heartbeat record (heartbeat.py)
 QUARANTINE_PREFIX = "xcflushd:quarantine:"
+CLAIM_PREFIX = "xcflushd:claim:"           # + a priority request message: the daemon answering it

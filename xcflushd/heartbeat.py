@@ -16,9 +16,10 @@ dead_lettered, authorized, auth_failures, error, backend_error}``; times are
 unix seconds, ``result`` is ok, partial or failed (``cycle_result``).
 ``pid_namespace`` (boot or machine id, and PID namespace: where ``pid`` is this
 process) lets a daemon in the same namespace see at once that it died.
-The daemon adds ``metrics`` (its /metrics URL) and ``outage`` (its
+The daemon adds ``metrics`` (its /metrics URL), ``outage`` (its
 OutageTracker's snapshot: ``mode, max_stale, in_outage, started_at,
-last_answer, stale_until, kept, allowed``).
+last_answer, stale_until, kept, allowed``) and, after a SIGHUP, ``reload``
+(``{at, ok, error}``).
 
 The key prefix is in defaults.py and reading every record is storage.read_heartbeats,
 so this module imports storage, never the other way round. Redis I/O goes through the

@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 ENDPOINTS = ("authorize", "oauth_authorize", "report")
 CYCLE_RESULTS = ("ok", "partial", "failed")
-PRIORITY_RESULTS = ("authorized", "denied", "deduplicated", "failed", "dropped")
+# elsewhere: claimed and answered by another daemon on the same Redis
+PRIORITY_RESULTS = ("authorized", "denied", "deduplicated", "failed", "dropped", "elsewhere")
 
 #: Call latencies: a loopback backend answers in ms, a remote one in tens of ms, a sick one in seconds.
 _CALL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -62,6 +63,10 @@ authorizations_kept_gauge = Gauge("xcflushd_authorizations_kept_alive",
                                   "backend (--backend-outage resilient or allow, during an outage)")
 outage_allowed_requests = Counter("xcflushd_outage_allowed_requests", "Priority requests answered 1 without "
                                   "the backend during an outage (--backend-outage allow)")
+config_reload_ok = Gauge("xcflushd_config_last_reload_successful",
+                         "1 if the last reload (SIGHUP) applied its configuration, 0 if it was refused")
+config_reload_at = Gauge("xcflushd_config_last_reload_success_timestamp_seconds",
+                         "When the running configuration was read: the start or the last good reload (unix time)")
 build_info = Gauge("xcflushd_build_info", "Always 1; the version in a label", ["version"])
 build_info.labels(__version__).set(1)
 
@@ -170,6 +175,13 @@ def outage_allowed() -> None:
 
 def flush_frequency(seconds: float) -> None:
     flush_frequency_gauge.set(seconds)
+
+
+def config_loaded(ok: bool, at: float) -> None:
+    """The configuration was read at start or on reload; a refused reload leaves the last good one running."""
+    config_reload_ok.set(1 if ok else 0)
+    if ok:
+        config_reload_at.set(at)
 
 
 def backlog(pending: Optional[int] = None, dead_letters: Optional[int] = None) -> None:

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from typing import Mapping, Optional
 
 import sdnotify
@@ -108,6 +109,12 @@ class Notifier:
     def ready(self, status: str) -> None:
         """The daemon can do its work: ``READY=1`` with a STATUS line."""
         self._send("READY=1", "STATUS=" + _one_line(status))
+
+    def reloading(self, status: str) -> None:
+        """A reload began: ``RELOADING=1`` (``ready()`` ends it), with the monotonic
+        time systemd >= 253 asks for, and a STATUS line."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self._send("RELOADING=1", f"MONOTONIC_USEC={usec}", "STATUS=" + _one_line(status))
 
     def status(self, text: str) -> None:
         """Replace the one-line STATUS shown by ``systemctl status``."""

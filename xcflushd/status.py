@@ -26,6 +26,11 @@ def collect(client, now: Optional[float] = None) -> Dict[str, Any]:
     except StorageUnavailable as exc:
         return {"redis": str(exc), "healthy": False, "problems": [f"Redis unreachable: {exc}"]}
     problems = [p for d in daemons for p in _outage_problems(d, now) + _daemon_problems(d, now)]
+    problems += [f"{d.get('host')}:{d.get('pid')}: last reload refused: {(d.get('reload') or {}).get('error')}"
+                 for d in daemons if (d.get("reload") or {}).get("ok") is False]
+    # The daemon whose flush cycle began last (on a shared Redis, any of them may take a cycle).
+    cycles = [d for d in daemons if (d.get("last_cycle") or {}).get("started_at")]
+    last_cycle_by = max(cycles, key=lambda d: d["last_cycle"]["started_at"]).get("id") if cycles else None
     if not daemons:
         problems.append("no live xcflushd daemon on this Redis")
     if backlog.dead_letters:
@@ -33,7 +38,8 @@ def collect(client, now: Optional[float] = None) -> Dict[str, Any]:
     return {
         "redis": "ok", "daemons": daemons, "reports_pending": backlog.reports_pending,
         "gateway_reports": backlog.gateway_reports, "handover_keys": backlog.handover_keys,
-        "dead_letters": backlog.dead_letters, "healthy": not problems, "problems": problems,
+        "dead_letters": backlog.dead_letters, "last_cycle_by": last_cycle_by,
+        "healthy": not problems, "problems": problems,
     }
 
 
@@ -81,7 +87,8 @@ def render(document: Dict[str, Any], redis_display: str, now: Optional[float] = 
         for d in daemons:
             lines.append(f"  {d.get('host')} pid {d.get('pid')} version {d.get('version')}, "
                          f"up since {_ago(d.get('started_at'), now)}, {d.get('cycles', 0)} cycle(s), "
-                         f"every {d.get('frequency')}s")
+                         f"every {d.get('frequency')}s"
+                         + (", took the last cycle" if d.get("id") == document.get("last_cycle_by") else ""))
             lines.append(f"    metrics {d.get('metrics') or 'not served'}")
             o = d.get("outage")
             if o:
@@ -89,6 +96,10 @@ def render(document: Dict[str, Any], redis_display: str, now: Optional[float] = 
                              if o.get("in_outage") else
                              f"    backend answering, last answer {_ago(o.get('last_answer'), now)}, "
                              f"--backend-outage {o.get('mode')}")
+            reload = d.get("reload")
+            if reload:
+                lines.append(f"    last reload {'ok' if reload.get('ok') else 'REFUSED'}, {_ago(reload.get('at'), now)}"
+                             + (f": {reload.get('error')}" if reload.get("error") else ""))
             c = d.get("last_cycle")
             if c:
                 lines.append(f"    last cycle {c.get('result')}, ended {_ago(c.get('finished_at'), now)}: "

@@ -36,6 +36,7 @@ except ImportError:  # redis-py works without it, more slowly
     hiredis = None
 
 from .defaults import (
+    CLAIM_PREFIX,
     DEAD_LETTER_HASH,
     FAILURES_HASH,
     FLUSHING_PREFIX,
@@ -452,6 +453,24 @@ while at < #ARGV do
 end
 return {refused, failure}
 """
+# Priority claims, one per request message (renewer.py): taken when free or
+# already ours (a command re-sent after a lost reply finds its own claim, and
+# a holder takes an identical request again), with a TTL so that a dead
+# daemon's claim lapses; not released on answer (see renewer.py). A claim
+# that cannot be written (maxmemory) counts as taken: better two calls than
+# no answer.
+# KEYS: the claims; ARGV: owner, ttl in ms. Returns 1 (ours) or 0 per claim.
+_CLAIM = """
+local out = {}
+for k = 1, #KEYS do
+  out[k] = 1
+  if redis.pcall('SET', KEYS[k], ARGV[1], 'NX', 'PX', ARGV[2]) == false
+     and redis.call('GET', KEYS[k]) ~= ARGV[1] then
+    out[k] = 0
+  end
+end
+return out
+"""
 
 # Through a backend outage (--backend-outage resilient or allow): hold each
 # auth hash's TTL at ARGV[1] at least, values untouched. Only lengthens, and
@@ -475,6 +494,7 @@ class Storage:
         self.redis = client
         self.chunk = chunk
         self._cache_script = None
+        self._claim_script = None
         self._keep_alive_script = None
         self._scripts: Optional[Dict[str, object]] = None
 
@@ -811,6 +831,15 @@ class Storage:
         refuses the auth hashes; returns how many it refused.
         """
         return self._cache_and_answer(auths.items(), answers, ttl)
+
+    @_storage_errors
+    def claim(self, messages: Sequence[str], owner: str, ttl_ms: int) -> List[bool]:
+        """Claim priority request messages for ``owner``, one round trip: True where it is ours
+        to answer, False where another daemon took it (and will answer after our request)."""
+        if self._claim_script is None:
+            self._claim_script = self.redis.register_script(_CLAIM)
+        taken = self._claim_script(keys=[CLAIM_PREFIX + m for m in messages], args=[owner, ttl_ms])
+        return [bool(t) for t in taken]
 
     def _cache_and_answer(self, auths: Iterable[Tuple[str, Dict[str, str]]], answers: Sequence[Tuple[str, str]],
                           ttl: int) -> int:

@@ -375,6 +375,11 @@ class Engine:
         """True unless the loop thread has ended (not started yet counts as alive)."""
         return self._thread is None or self._thread.is_alive()
 
+    def idle(self) -> bool:
+        """Nothing queued and no call in flight (any thread may ask)."""
+        with self._lock:
+            return not (self._priority or self._flush or self._active or self._priority_in_flight)
+
     def start(self) -> "Engine":
         """Start the loop thread now (it also starts on the first call)."""
         with self._lock:

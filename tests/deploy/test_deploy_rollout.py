@@ -7,18 +7,19 @@ before left, as an operator's runs would:
 2. first rollout of release 1 (all three at once: nothing runs there yet): every node runs
    xcflushd, active and READY, flushing;
 3. the same run again (on gw1) changes nothing;
-4. --check --diff on a converged node (gw1) with a change: the diff and the restart shown, nothing done;
-5. a config change restarts the nodes one batch (one node) at a time;
-6. a wrong provider key: the health gate fails gw1 and the rollout stops there;
-7. a run that fails after the config write, then its rerun: the restart is not lost;
-8. bad variables, a tampered (or unlisted) release: the play stops before any node;
-9. release 2 while gw2 cannot restart: gw1 runs release 2, gw2 failed, gw3 untouched
+4. --check --diff on a converged node (gw1) with a config change: the diff and the reload shown, nothing done;
+5. a config change alone (on gw1) reloads the same process, which then runs on the new config;
+6. a config and unit change restarts the nodes one batch (one node) at a time;
+7. a wrong provider key: the health gate fails gw1 and the rollout stops there;
+8. a run that fails after the config write, then its rerun: the restart is not lost;
+9. bad variables, a tampered (or unlisted) release: the play stops before any node;
+10. release 2 while gw2 cannot restart: gw1 runs release 2, gw2 failed, gw3 untouched
    (still release 1, same process), and the run fails;
-10. gw2 fixed, the same run again (limited to gw2, to keep the test short): gw2 is installed
+11. gw2 fixed, the same run again (limited to gw2, to keep the test short): gw2 is installed
     and restarted again and comes up;
-11. the rollback to release 1, run from the collection as ansible-galaxy installs it.
+12. the rollback to release 1, run from the collection as ansible-galaxy installs it.
 
-Runs 1, 3 and 4 check what a run does on one node, which does not depend on the others, so
+Runs 1, 3, 4 and 5 check what a run does on one node, which does not depend on the others, so
 they go to gw1 and the controller only: the nodes are alike, and each node adds some 8
 CPU-seconds to a play, in a suite that is bound by its CPU.
 """
@@ -34,7 +35,7 @@ from .conftest import RELEASE2_UNIT_MARK
 
 pytestmark = pytest.mark.lab
 
-#: Runs 1, 3 and 4 (see above): gw1 and the controller.
+#: Runs 1, 3, 4 and 5 (see above): gw1 and the controller.
 ONE_NODE = ("--limit", "localhost,gw1")
 
 UNIT = "xcflushd"
@@ -139,10 +140,23 @@ def test_check_mode_on_converged_nodes_shows_the_change_and_makes_none(fleet, re
     assert result.returncode == 0, ok(result)
     assert set(result.recap) == {"localhost", "gw1"} and result.recap["gw1"]["failed"] == 0, ok(result)
     assert "-frequency = 5" in result.output and "+frequency = 11" in result.output, ok(result)
-    assert "Restart xcflushd" in result.output, ok(result)  # it says the restart would happen
+    # A config and credential change: it says the reload would happen, and no restart.
+    assert "Reload xcflushd with its new config and credentials" in result.output, ok(result)
+    assert "restarting it" not in result.output, ok(result)
     assert "pk-next-secret" not in result.output and "pk-demo" not in result.output
     assert [(node_state(n), service(n)["MainPID"]) for n in fleet.nodes] == before
     assert fleet.staging_left() == []
+
+
+def test_a_config_change_alone_reloads_the_same_process(fleet, releases):
+    gw1 = fleet.nodes[0]
+    before = service(gw1)
+    result = fleet.play(*ONE_NODE, "-e", "xcflushd_frequency=6", release=releases[0])
+    assert result.returncode == 0, ok(result)
+    after = service(gw1)
+    assert (after["MainPID"], after["NRestarts"]) == (before["MainPID"], before["NRestarts"]), (before, after)
+    assert after["ActiveState"] == "active" and running_frequency(gw1) == 6
+    assert "reloaded: backend=" in gw1.journal("xcflushd.service", "-n", "50")
 
 
 def test_config_change_restarts_one_batch_at_a_time(fleet, releases):
@@ -178,8 +192,9 @@ def test_a_wrong_provider_key_stops_the_rollout_at_the_first_node(fleet, release
     assert ("gw1: xcflushd is not healthy: the backend refused the provider key (HTTP 403 "
             "provider_key_invalid_or_service_missing") in result.output, ok(result)
     assert "pk-wrong" not in result.output and "pk-demo" not in result.output
-    # gw1 was restarted with the wrong key (and is READY: Redis answered); its stamp is not
-    # recorded, so the next run restarts it again. gw2 and gw3 were never touched.
+    # gw1 was restarted with the wrong key (the run also removed the last test's drop-in) and
+    # is READY: Redis answered; its stamp is not recorded, so the next run restarts it again.
+    # gw2 and gw3 were never touched.
     assert service(gw1)["ActiveState"] == "active"
     assert gw1.run(["cat", "/etc/credstore/xcflushd.provider_key"]).stdout == "pk-wrong\n"
     assert [(service(n)["MainPID"], ssh_logins(n)) for n in (gw2, gw3)] == before
@@ -197,7 +212,8 @@ def running_frequency(node) -> float:
 def test_a_run_that_fails_after_the_config_write_loses_no_restart(fleet, releases):
     # The config file is written, then the drop-in fails its check: the run stops before the
     # restart handler. The rerun finds the config file in place (nothing to change) and must
-    # restart anyway, because the running daemon was not started from it.
+    # restart anyway, because the running daemon was not started from it (nor from this unit:
+    # the last recorded run had a drop-in).
     gw1 = fleet.nodes[0]
     pid = service(gw1)["MainPID"]
     failed = fleet.play("--limit", "gw1", "-e", "xcflushd_frequency=9",

@@ -151,6 +151,19 @@ def test_runs_unprivileged_hardened_with_only_the_credentials_it_was_given(node)
     assert "pk-demo" not in journal
 
 
+def test_reload_keeps_the_main_pid_and_applies_the_new_config(node):
+    ensure_running(node)
+    before = props(node, "MainPID", "NRestarts")
+    node.write("/etc/xcflushd/xcflushd.conf", CONFIG.replace("auth-ttl = 60", "auth-ttl = 61"))
+    try:
+        node.systemctl("reload", "xcflushd.service", timeout=60)
+        wait_until(lambda: "auth_ttl=61s" in node.journal("xcflushd.service", "-n", "20"), 20, "the reload's line")
+        state = props(node, "MainPID", "NRestarts", "ActiveState", "SubState")
+        assert state == {**before, "ActiveState": "active", "SubState": "running"}, state
+    finally:
+        node.write("/etc/xcflushd/xcflushd.conf", CONFIG)
+
+
 def test_stop_is_clean(node):
     ensure_running(node)
     started = time.monotonic()

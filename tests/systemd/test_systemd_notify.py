@@ -3,6 +3,7 @@
 import logging
 import os
 import socket
+import time
 
 import pytest
 
@@ -30,7 +31,12 @@ def test_each_call_sends_its_datagram(notify_socket):
     n.watchdog()
     n.extend_timeout(7.5)
     n.stopping("finishing the flush")
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    n.reloading("reloading")
     got = [fields for _, fields in notify_socket.poll(0.2)]
+    reloading = got.pop()
+    assert before <= int(reloading.pop("MONOTONIC_USEC")) <= time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    assert reloading == {"RELOADING": "1", "STATUS": "reloading"}
     assert got == [
         {"READY": "1", "STATUS": "waiting for nothing"},
         {"STATUS": "last flush 12:00:00, 3 apps"},

@@ -20,16 +20,17 @@ MAX_EXPOSURE = 2.0
 
 
 def make_root(tmp: Path, unit_text: str) -> Path:
-    """A throw-away --root for systemd-analyze: the unit, a stand-in ExecStart
-    binary and the host's stock units (sysinit.target and friends)."""
+    """A throw-away --root for systemd-analyze: the unit, stand-in ExecStart and
+    ExecReload binaries and the host's stock units (sysinit.target and friends)."""
     root = tmp / "root"
     (root / "etc/systemd/system").mkdir(parents=True)
     (root / "usr/lib/systemd").mkdir(parents=True)
     shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
-    stand_in = root / EXEC.lstrip("/")
-    stand_in.parent.mkdir(parents=True)
-    stand_in.write_text("#!/bin/sh\nexit 0\n")
-    stand_in.chmod(0o755)
+    for binary in (EXEC, "/bin/kill"):
+        stand_in = root / binary.lstrip("/")
+        stand_in.parent.mkdir(parents=True)
+        stand_in.write_text("#!/bin/sh\nexit 0\n")
+        stand_in.chmod(0o755)
     (root / "etc/systemd/system/xcflushd.service").write_text(unit_text)
     return root
 
@@ -67,6 +68,7 @@ def test_service_contract(unit):
     assert service["Type"] == ["notify"]
     assert service["NotifyAccess"] == ["main"]
     assert service["ExecStart"] == [f"{EXEC} run"]
+    assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]  # the daemon reloads on SIGHUP
     assert service["Restart"] == ["on-failure"]
     assert "WatchdogSec" in service
     assert "StartLimitBurst" in unit_section and "StartLimitIntervalSec" in unit_section
