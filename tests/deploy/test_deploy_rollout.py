@@ -326,7 +326,7 @@ def test_rollback_from_the_installed_collection(fleet, releases, installed_colle
     for node in fleet.nodes:
         assert version(node) == releases[0].version
         assert (service(node)["ActiveState"], service(node)["SubState"]) == ("active", "running")
-    installs = re.findall(r"^TASK \[xcflushd : Install the release into the virtualenv.*?\n\n", result.output,
+    installs = re.findall(r"^TASK \[(?:\S+\.)?xcflushd : Install the release into the virtualenv.*?\n\n", result.output,
                           re.M | re.S)
     reinstalled = set(re.findall(r"^changed: \[(gw\d)\]", "".join(installs), re.M))
     assert reinstalled == {"gw1"}, ok(result)
