@@ -105,6 +105,8 @@ def test_first_rollout_every_node_active_and_ready(fleet, releases):
     result = fleet.walk("rollout")
     assert result.returncode == 0, ok(result)
     assert set(result.recap) == {"localhost", *fleet.hosts}, ok(result)
+    # Two batches (the ramp was read from the inventory), not three of the default one node.
+    assert result.output.count("PLAY [Roll out xcflushd to the gateways]") == 2, ok(result)
     gw1_up = int(service(fleet.nodes[0])["ActiveEnterTimestampMonotonic"])
     assert all(gw1_up < int(service(n)["ActiveEnterTimestampMonotonic"]) for n in fleet.nodes[1:]), \
         "gw2 or gw3 started before the canary gw1 was up"

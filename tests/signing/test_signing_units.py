@@ -193,8 +193,8 @@ def test_wheelhouse_check_refuses_a_wheel_built_for_another_python(tmp_path):
 
 def test_sign_dist_checks_the_wheelhouse_before_signing(tmp_path):
     house = _house(tmp_path)
-    proc = subprocess.run(["make", "-s", "-o", ".venv/.installed", "-o", ".venv/.signing", "sign-dist", f"DIST_DIR={house}",
-                           f"PY={sys.executable}", f"SECRET_KEY_FILE={tmp_path / 'no-key.asc'}"],
+    proc = subprocess.run(["make", "-s", "-o", ".venv/.installed", "-o", ".venv/.signing", "sign-dist",
+                           f"DIST_DIR={house}", f"PY={sys.executable}", f"SECRET_KEY_FILE={tmp_path / 'no-key.asc'}"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "async-timeout>=4.0.3: needed on Python 3.11.2" in proc.stdout, proc.stdout + proc.stderr
