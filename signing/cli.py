@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -25,6 +26,7 @@ from signing import (
     repro,
     reproduce,
     sums,
+    wheelhouse,
 )
 from signing.gpghome import open_gpg, private_home, user_home
 
@@ -125,6 +127,11 @@ def build_parser():
     norm = sub.add_parser("normalize", help="rewrite .tar.gz archives reproducibly, in place")
     norm.add_argument("--epoch", required=True, type=int, help="SOURCE_DATE_EPOCH: every mtime")
     norm.add_argument("archives", nargs="+", help=".tar.gz files (the sdist)")
+
+    house = sub.add_parser("wheelhouse", help="top up and check the dependency wheels for the nodes' Python")
+    house.add_argument("--house", required=True, help="the directory of the wheels (DIST_DIR)")
+    house.add_argument("--python-version", required=True, help="the nodes' Python, X.Y.Z (Debian 12: 3.11.2)")
+    house.add_argument("--check", action="store_true", help="only check: add nothing")
 
     fpr = sub.add_parser("fingerprints", help="print the fingerprints of the pinned key")
     fpr.add_argument("--key-id", help="pinned full fingerprint (default: the repo's)")
@@ -369,6 +376,25 @@ def cmd_normalize(args):
     return 0
 
 
+def cmd_wheelhouse(args):
+    environment = wheelhouse.target_environment(args.python_version)
+    if not args.check:
+        try:
+            wheelhouse.top_up(args.house, environment)
+        except subprocess.CalledProcessError as exc:
+            raise errors.SetupError(f"pip wheel failed (exit {exc.returncode})") from None
+    problems = wheelhouse.unfit(args.house, environment)
+    for line in problems:
+        print(f"FAIL  {line}")
+    if problems:
+        print(f"the wheels in {args.house} do not install on the nodes' Python {args.python_version}: "
+              f"run make wheelhouse NODE_PYTHON_VERSION=<theirs> with a {environment['python_version']} "
+              "PYTHON (then make clean install)", file=sys.stderr)
+        return 1
+    print(f"PASS  {args.house}: every wheel installs on Python {args.python_version}")
+    return 0
+
+
 def cmd_fingerprints(args):
     pinned = _key_id(args)
     with private_home() as home:
@@ -382,7 +408,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     handler = {"sign": cmd_sign, "verify": cmd_verify, "image": cmd_image,
                "sums": cmd_sums, "normalize": cmd_normalize, "reproduce": cmd_reproduce,
-               "fingerprints": cmd_fingerprints}[args.command]
+               "fingerprints": cmd_fingerprints, "wheelhouse": cmd_wheelhouse}[args.command]
     try:
         status = handler(args)
     except errors.SigningError as exc:

@@ -32,6 +32,10 @@ SYSTEMD_FILES ?= $(wildcard $(addprefix $(DIST_DIR)/,xcflushd.service xcflushd.s
 DEPENDENCY_WHEELS = $(filter-out $(WHEEL),$(wildcard $(DIST_DIR)/*.whl))
 ARTIFACTS ?= $(SDIST) $(WHEEL) $(SYSTEMD_FILES) $(DEPENDENCY_WHEELS)
 SUMS ?= $(DIST_DIR)/SHA256SUMS
+# The nodes' Python (Debian 12's): `make wheelhouse` adds the wheels its environment markers
+# need (pip resolves for the builder's), and signing first checks that every dependency wheel
+# installs there.
+NODE_PYTHON_VERSION ?= 3.11.2
 SUMS_SIGNATURE ?= $(SUMS).asc
 SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null)
 
@@ -104,7 +108,7 @@ RELEASE_DIR ?= $(DIST_DIR)
 REPO_URL ?= $(shell git rev-parse --show-toplevel 2>/dev/null)
 REPRODUCE_IMAGE ?= $(if $(wildcard $(RELEASE_DIR)/$(IMAGE_NAME).manifest),1,0)
 
-.PHONY: info dist sums wheelhouse image sign sign-dist sign-image verify verify-dist verify-image \
+.PHONY: info dist sums wheelhouse check-wheelhouse image sign sign-dist sign-image verify verify-dist verify-image \
 	release-tools signing-tools release-key-fingerprints clean-image-cache reproduce
 
 info:
@@ -112,6 +116,7 @@ info:
 	  "* NAME = $(NAME)" "* VERSION = $(VERSION)" "* TAG = $(TAG)" "* REL = $(REL)" \
 	  "* DIST_DIR = $(DIST_DIR)" "* SDIST = $(SDIST)" "* WHEEL = $(WHEEL)" \
 	  "* ARTIFACTS = $(ARTIFACTS)" "* SUMS = $(SUMS)" "* SUMS_SIGNATURE = $(SUMS_SIGNATURE)" \
+	  "* NODE_PYTHON_VERSION = $(NODE_PYTHON_VERSION)" \
 	  "* SOURCE_DATE_EPOCH = $(SOURCE_DATE_EPOCH)" \
 	  "* IMAGE_TAG = $(IMAGE_TAG)" "* IMAGE_NAME = $(IMAGE_NAME)" "* IMAGE_DIR = $(IMAGE_DIR)" \
 	  "* MANIFEST = $(MANIFEST)" "* SIGNATURE = $(SIGNATURE)" \
@@ -180,17 +185,22 @@ sums: signing-tools
 wheelhouse: signing-tools
 	@test -f $(WHEEL) || { echo "no $(WHEEL): run make dist first" >&2; exit 1; }
 	$(PY) -m pip wheel -q --prefer-binary --wheel-dir $(DIST_DIR) $(WHEEL)
+	$(SIGNING_TOOL) wheelhouse --house $(DIST_DIR) --python-version $(NODE_PYTHON_VERSION)
 	@$(MAKE) --no-print-directory -o $(VENV)/.installed -o $(VENV)/.signing sums
+
+# Before signing: dependency wheels that the nodes' Python cannot install are never signed.
+check-wheelhouse: signing-tools
+	@$(if $(DEPENDENCY_WHEELS),$(SIGNING_TOOL) wheelhouse --check --house $(DIST_DIR) --python-version $(NODE_PYTHON_VERSION),:)
 
 image: deps dist
 	$(SIGNING_TOOL) image --wheel $(WHEEL) --version $(VERSION) --image-dir $(IMAGE_DIR) \
 	  --tag $(IMAGE_TAG) --manifest $(MANIFEST) --cache-dir $(IMAGE_CACHE) --epoch $(SOURCE_DATE_EPOCH) \
 	  $(if $(SUITE),--suite $(SUITE)) $(if $(MIRROR),--mirror $(MIRROR)) $(if $(BASE_DIGEST),--base-digest $(BASE_DIGEST))
 
-sign: signing-tools
+sign: signing-tools check-wheelhouse
 	$(SIGNING_TOOL) sign --key-id $(KEY_ID) $(SIGN_KEY_SOURCE) $(SUMS_ARGS) $(IMAGE_ARGS) $(PUBLISH_ARGS)
 
-sign-dist: signing-tools
+sign-dist: signing-tools check-wheelhouse
 	$(SIGNING_TOOL) sign --key-id $(KEY_ID) $(SIGN_KEY_SOURCE) $(SUMS_ARGS)
 
 sign-image: signing-tools

@@ -15,17 +15,20 @@ import zipfile
 from email.parser import Parser
 
 try:
+    from packaging import tags
     from packaging.markers import Marker
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name, parse_wheel_filename
 except ImportError:  # pragma: no cover - the copy pip always carries
+    from pip._vendor.packaging import tags
     from pip._vendor.packaging.markers import Marker
     from pip._vendor.packaging.requirements import Requirement
     from pip._vendor.packaging.utils import canonicalize_name, parse_wheel_filename
 
 from signing import errors
 
-__all__ = ["ENV_SCRIPT", "requires", "missing", "build", "pip_wheel_path", "environment_of"]
+__all__ = ["ENV_SCRIPT", "requires", "missing", "build", "pip_wheel_path", "environment_of",
+           "target_environment", "unfit", "top_up"]
 
 ENV_SCRIPT = (
     "import json, os, platform, sys\n"
@@ -46,10 +49,13 @@ _MAX_ROUNDS = 5
 
 def requires(wheel):
     """The ``Requires-Dist`` strings of ``wheel``'s metadata."""
-    with zipfile.ZipFile(wheel) as zf:
-        meta = next(n for n in zf.namelist()
-                    if n.endswith(".dist-info/METADATA") and n.count("/") == 1)
-        headers = Parser().parsestr(zf.read(meta).decode("utf-8"))
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            meta = next(n for n in zf.namelist()
+                        if n.endswith(".dist-info/METADATA") and n.count("/") == 1)
+            headers = Parser().parsestr(zf.read(meta).decode("utf-8"))
+    except (OSError, zipfile.BadZipFile, StopIteration, UnicodeDecodeError):
+        raise errors.SetupError(f"{wheel}: not a wheel with readable metadata") from None
     return headers.get_all("Requires-Dist") or []
 
 
@@ -113,3 +119,45 @@ def environment_of(command):
     """Marker environment of the interpreter that ``command`` (a list) runs."""
     out = subprocess.run(command + ["-c", ENV_SCRIPT], check=True, capture_output=True, text=True)
     return json.loads(out.stdout)
+
+
+def target_environment(python_full_version, python=sys.executable):
+    """The marker environment of ``python`` as if it were ``python_full_version`` (the
+    nodes' interpreter, e.g. Debian 12's 3.11.2): same platform, another version."""
+    env = environment_of([python])
+    parts = python_full_version.split(".")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise errors.SetupError(f"the nodes' Python version must be X.Y.Z, not {python_full_version!r}")
+    env.update(python_full_version=python_full_version, python_version=".".join(parts[:2]))
+    if env["implementation_name"] == "cpython":
+        env["implementation_version"] = python_full_version
+    return env
+
+
+def unfit(house, environment):
+    """Wheels in ``house`` that a Python of ``environment`` cannot install (their tags), and
+    requirements of the house's wheels that no wheel there satisfies: one line each."""
+    major, minor = (int(p) for p in environment["python_version"].split("."))
+    accepted = set(tags.cpython_tags(python_version=(major, minor)))
+    accepted |= set(tags.compatible_tags(python_version=(major, minor)))
+    problems = []
+    for wheel in sorted(glob.glob(os.path.join(house, "*.whl"))):
+        _, _, _, wheel_tags = parse_wheel_filename(os.path.basename(wheel))
+        if not wheel_tags & accepted:
+            problems.append(f"{os.path.basename(wheel)}: not installable on Python "
+                            f"{environment['python_full_version']} ({environment['platform_machine']})")
+    problems += [f"{req}: needed on Python {environment['python_full_version']}, no wheel for it"
+                 for req in missing(house, environment)]
+    return problems
+
+
+def top_up(house, environment, python=sys.executable, run=subprocess.run):
+    """Add the wheels that ``environment``'s markers want and ``house`` lacks (pip resolved
+    for the builder's own interpreter, whose markers may differ)."""
+    pip = [python, "-m", "pip", "--disable-pip-version-check", "-q"]
+    for _ in range(_MAX_ROUNDS):
+        todo = missing(house, environment)
+        if not todo:
+            return
+        run(pip + ["wheel", "--prefer-binary", "--wheel-dir", house] + todo, check=True)
+    raise errors.SetupError(f"wheels still missing after {_MAX_ROUNDS} rounds: {todo}")

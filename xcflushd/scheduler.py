@@ -53,14 +53,20 @@ class Scheduler:
                 recover = last_recovery is None or now - last_recovery >= self.recovery_interval
                 if recover:
                     last_recovery = now
+                result = None
                 try:
                     result = self.job(recover)
-                    self.on_result(result)
                 except Exception as exc:  # flush_once does not raise; belt and braces
                     log.error("flush cycle crashed: %s: %s", type(exc).__name__, exc)
                 deadline += self.frequency
                 if deadline <= self.clock():
                     log.warning("flush cycle overran its %ss slot; next cycle starts now", self.frequency)
                     deadline = self.clock()
+                # Before on_result: the status line it writes names the next cycle, not this one.
                 self.next_run = time.time() + (deadline - self.clock())
+                if result is not None:
+                    try:
+                        self.on_result(result)
+                    except Exception as exc:
+                        log.error("reporting the flush cycle failed: %s: %s", type(exc).__name__, exc)
             self.stop.wait(max(0.0, min(1.0, deadline - self.clock())))

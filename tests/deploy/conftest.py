@@ -118,7 +118,7 @@ class Release:
         return self.dir / f"xcflushd-{self.version}-py3-none-any.whl"
 
     def extra_vars(self) -> List[str]:
-        return ["-e", f"xcflushd_release_dir={self.dir}"]
+        return ["-e", f"xcflushd_release_dir={self.dir}", "-e", f"xcflushd_version={self.version}"]
 
 
 def _project_copy(dest: Path, version: str) -> None:
@@ -241,7 +241,8 @@ def parse_recap(output: str) -> Dict[str, Dict[str, int]]:
 
 @dataclass
 class Fleet:
-    """Three booted gateway nodes, an inventory for them, and a way to run site.yml."""
+    """Three booted gateway nodes, the walk-through's inventory for them (made by its own
+    commands, vault included), and a way to run site.yml."""
 
     nodes: list
     network: object
@@ -249,7 +250,45 @@ class Fleet:
     workdir: Path
     sim_url: str
     ssh_control_dir: Path
+    session: object  # walkthrough.Session: the operator's shell, HOME = workdir/home
     runs: List[PlayResult] = field(default_factory=list)
+
+    @property
+    def deployment(self) -> Path:
+        """The operator's ~/xcflushd (inventory/, releases/<version>/)."""
+        return self.workdir / "home" / "xcflushd"
+
+    def place(self, release: Release) -> Path:
+        """Put ``release`` where the walk-through keeps it: releases/<version>/."""
+        target = self.deployment / "releases" / release.version
+        if not target.exists():
+            shutil.copytree(release.dir, target)
+        return target
+
+    def walk(self, name: str, values: Optional[Dict[str, str]] = None, collections: Optional[Path] = None,
+             stdin_extra: str = "") -> PlayResult:
+        """Run the walk-through's sh block ``name``; a play's output and recap as a PlayResult.
+        With ``collections``: from outside the checkout, without its ansible.cfg."""
+        session = self.session
+        saved = (session.cwd, dict(session.env))
+        if collections:
+            session.cwd = self.workdir
+            (self.workdir / "ansible.cfg").write_text("[defaults]\n")
+            session.env.update(ANSIBLE_CONFIG=str(self.workdir / "ansible.cfg"),
+                               ANSIBLE_COLLECTIONS_PATH=str(collections), ANSIBLE_PIPELINING="1")
+        started = time.monotonic()
+        try:
+            procs = session.run(name, values, stdin_extra=stdin_extra)
+        finally:
+            if collections:
+                session.cwd, session.env = saved
+        seconds = time.monotonic() - started
+        output = "".join(p.stdout for p in procs)
+        log = self.workdir / f"play-{len(self.runs) + 1}-{name}.log"
+        log.write_text("".join(session.log[-len(procs):]) + f"\nafter {seconds:.1f}s\n")
+        result = PlayResult(procs[-1].returncode if procs else 0, output, parse_recap(output), seconds, log)
+        self.runs.append(result)
+        return result
 
     @property
     def hosts(self) -> List[str]:
@@ -259,13 +298,6 @@ class Fleet:
         """Staging copies of a release the play left on the controller (none, normally)."""
         return sorted(p.name for p in (self.workdir / "home" / "tmp").glob("*.xcflushd-release"))
 
-    def clear_staging(self) -> int:
-        """Remove what a rollout that stopped at a failed node keeps (documented); how many."""
-        left = list((self.workdir / "home" / "tmp").glob("*.xcflushd-release"))
-        for path in left:
-            shutil.rmtree(path)
-        return len(left)
-
     def play(self, *args: str, release: Optional[Release] = None, timeout: float = 300,
              collections: Optional[Path] = None) -> PlayResult:
         """``ansible-playbook -i <inventory> site.yml ARGS`` inside the fleet's namespace; with
@@ -274,7 +306,8 @@ class Fleet:
         extra = release.extra_vars() if release else []
         playbook = "threescale.xcflushd.site" if collections else str(ANSIBLE_DIR / "site.yml")
         cmd = ["nsenter", f"--net={self.network.netns_path}", tool("ansible-playbook"),
-               "-i", str(self.inventory), playbook, *extra, *args]
+               "-i", str(self.inventory), playbook, "--vault-password-file", str(self.workdir / "vault-pass"),
+               *extra, *args]
         log = self.workdir / f"play-{len(self.runs) + 1}.log"
         started = time.monotonic()
         env = dict(ansible_env(self.workdir / "home"), ANSIBLE_SSH_CONTROL_PATH_DIR=str(self.ssh_control_dir))
@@ -294,6 +327,8 @@ class Fleet:
         return result
 
 
+#: The walk-through's hosts.yml, with what this lab needs: the nodes' addresses and SSH, and
+#: (host vars beat every group_vars file) the simulator as backend and short cycles.
 INVENTORY = """\
 all:
   children:
@@ -307,18 +342,13 @@ all:
           -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR
 """
 
-GROUP_VARS_ALL = """\
-xcflushd_release_key_fingerprint: {fingerprint}
-xcflushd_release_key_file: {key_file}
-"""
+HOST_VARS = """\
+          ansible_host: {address}
+          xcflushd_backend: {sim_url}
+          xcflushd_frequency: 5
+          xcflushd_auth_ttl: 60"""
 
-GROUP_VARS_GATEWAYS = """\
-gateway_manage_redis: true
-xcflushd_backend: {sim_url}
-xcflushd_frequency: 5
-xcflushd_auth_ttl: 60
-xcflushd_provider_key: pk-demo
-"""
+VAULT_PASSWORD = "vault-pass-e2e"
 
 
 @pytest.fixture(scope="module")
@@ -349,15 +379,28 @@ def fleet(deploy_root, releases, throwaway_key, tmp_path_factory):
             ["nsenter", f"--net={network.netns_path}", str(VENV_BIN / "xcflushd-backend-sim"),
              "--listen", f"{network.gateway}:{SIM_PORT}", "--demo-apps", "3"],
             stdout=sim_log, stderr=subprocess.STDOUT)
-        inv = work / "inventory"
-        (inv / "group_vars").mkdir(parents=True)
-        hosts = "\n".join(f"        gw{i + 1}:\n          ansible_host: {n.address.split('/')[0]}"
+        # The inventory as the walk-through makes it: copied, the nodes listed, the provider
+        # key vaulted, the release key pinned; the release in releases/<version>/.
+        from .walkthrough import Session
+
+        home = work / "home"
+        session = Session(dict(ansible_env(home), ANSIBLE_SSH_CONTROL_PATH_DIR=str(control)),
+                          network.netns_path, VAULT_PASSWORD)
+        (work / "vault-pass").write_text(VAULT_PASSWORD + "\n")
+        fleet = Fleet(nodes, network, home / "xcflushd" / "inventory", work, sim_url, control, session)
+        for name, extra in (("inventory", ""), ("vault", "pk-demo\n")):
+            result = fleet.walk(name, stdin_extra=extra)
+            assert result.returncode == 0, result.output
+        inv = fleet.inventory
+        hosts = "\n".join(f"        gw{i + 1}:\n" + HOST_VARS.format(address=n.address.split('/')[0], sim_url=sim_url)
                           for i, n in enumerate(nodes))
         (inv / "hosts.yml").write_text(INVENTORY.format(hosts=hosts, key=ssh_key))
-        (inv / "group_vars" / "all.yml").write_text(GROUP_VARS_ALL.format(
-            fingerprint=throwaway_key.primary, key_file=throwaway_key.public_file))
-        (inv / "group_vars" / "gateways.yml").write_text(GROUP_VARS_GATEWAYS.format(sim_url=sim_url))
-        yield Fleet(nodes, network, inv / "hosts.yml", work, sim_url, control)
+        pin = {"fingerprint": throwaway_key.primary}
+        shutil.copy(throwaway_key.public_file, fleet.deployment / f"{throwaway_key.primary}.asc")
+        with open(inv / "group_vars" / "all.yml", "a") as all_yml:
+            all_yml.write(session.yaml("own-key", pin))
+        fleet.place(releases[0])
+        yield fleet
     finally:
         if sim is not None:
             sim.terminate()

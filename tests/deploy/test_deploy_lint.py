@@ -117,3 +117,17 @@ def test_the_example_inventory_pins_this_checkouts_version():
 
     group_vars = yaml.safe_load((ANSIBLE_DIR / "inventory" / "group_vars" / "all.yml").read_text())
     assert group_vars["xcflushd_version"] == xcflushd.__version__
+
+
+def test_the_walkthrough_shows_the_example_inventory_as_it_is():
+    # The walk-through copies ansible/inventory and shows its files: they must be the same.
+    from .walkthrough import REPO, blocks
+
+    found = blocks()
+    files = {name.split(" ", 1)[1]: text for name, text in found.items() if name.startswith("file ")}
+    assert set(files) == {"ansible/inventory/group_vars/all.yml", "ansible/inventory/group_vars/gateways.yml"}
+    for path, text in files.items():
+        assert (REPO / path).read_text() == text, f"the docs show another {path}"
+    # What tests/deploy/test_deploy_rollout.py runs.
+    assert {"inventory", "vault", "check", "canary", "rollout", "resume", "rollback", "collection",
+            "own-key"} <= set(found)

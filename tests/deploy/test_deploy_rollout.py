@@ -1,11 +1,16 @@
 """End to end: ansible/site.yml rolls the signed release out to three real systemd nodes.
 
+The fleet's inventory is made by the deployment walk-through's own commands (tests/deploy/
+walkthrough.py reads them from the docs), and the runs marked "(walk-through)" below are
+its commands, run as written: the docs cannot drift from what works.
+
 The tests run in order on one fleet (module scope), each starting from the state the one
 before left, as an operator's runs would:
 
 1. --check --diff on a fresh node (gw1): shows the config to come, changes nothing, leaves nothing;
-2. first rollout of release 1 (all three at once: nothing runs there yet): every node runs
-   xcflushd, active and READY, flushing;
+2. (walk-through) the check, then the first rollout of release 1 with the documented canary
+   ramp from the inventory (gw1, then gw2 and gw3): every node runs xcflushd, active and
+   READY, flushing;
 3. the same run again (on gw1) changes nothing;
 4. --check --diff on a converged node (gw1) with a config change: the diff and the reload shown, nothing done;
 5. a config change alone (on gw1) reloads the same process, which then runs on the new config;
@@ -13,11 +18,11 @@ before left, as an operator's runs would:
 7. a wrong provider key: the health gate fails gw1 and the rollout stops there;
 8. a run that fails after the config write, then its rerun: the restart is not lost;
 9. bad variables, a tampered (or unlisted) release: the play stops before any node;
-10. release 2 while gw2 cannot restart: gw1 runs release 2, gw2 failed, gw3 untouched
-   (still release 1, same process), and the run fails;
-11. gw2 fixed, the same run again (limited to gw2, to keep the test short): gw2 is installed
-    and restarted again and comes up;
-12. the rollback to release 1, run from the collection as ansible-galaxy installs it.
+10. (walk-through) release 2 in its own directory, pinned in the inventory, while the canary
+    gw1 cannot restart: gw1 failed, gw2 and gw3 untouched (release 1, same process);
+11. (walk-through) gw1 fixed, the run resumed at it (--limit gw1): installed, restarted, up;
+12. (walk-through) the rollback to release 1 pinned in the inventory, run from the collection
+    as ansible-galaxy installs it: only gw1 changes.
 
 Runs 1, 3, 4 and 5 check what a run does on one node, which does not depend on the others, so
 they go to gw1 and the controller only: the nodes are alike, and each node adds some 8
@@ -26,12 +31,14 @@ CPU-seconds to a play, in a suite that is bound by its CPU.
 
 import dataclasses
 import json
+import re
 import shutil
 
 import pytest
 from xcftest import wait_until
 
 from .conftest import RELEASE2_UNIT_MARK
+from .walkthrough import set_var
 
 pytestmark = pytest.mark.lab
 
@@ -90,11 +97,20 @@ def test_check_mode_on_fresh_nodes_changes_nothing(fleet, releases):
 
 
 def test_first_rollout_every_node_active_and_ready(fleet, releases):
-    # One batch: batches of one, the default, are what the later runs check (one node at a
-    # time, and a run that stops at its failed batch); here they would only run the play thrice.
-    result = fleet.play("-e", "gateway_batch_size=3", release=releases[0])
+    # The walk-through's check and rollout, with its canary ramp added to group_vars/all.yml:
+    # two batches, gw1 then the other two.
+    check = fleet.walk("check")
+    assert check.returncode == 0 and check.output.count("SUCCESS") == 3, ok(check)
+    with open(fleet.inventory / "group_vars" / "all.yml", "a") as all_yml:
+        all_yml.write(fleet.session.yaml("canary"))
+    result = fleet.walk("rollout")
     assert result.returncode == 0, ok(result)
     assert set(result.recap) == {"localhost", *fleet.hosts}, ok(result)
+    # Two batches (the ramp was read from the inventory), not three of the default one node.
+    assert result.output.count("PLAY [Roll out xcflushd to the gateways]") == 2, ok(result)
+    gw1_up = int(service(fleet.nodes[0])["ActiveEnterTimestampMonotonic"])
+    assert all(gw1_up < int(service(n)["ActiveEnterTimestampMonotonic"]) for n in fleet.nodes[1:]), \
+        "gw2 or gw3 started before the canary gw1 was up"
     assert all(r["failed"] == 0 and r["unreachable"] == 0 for r in result.recap.values()), ok(result)
     assert "pk-demo" not in result.output  # the provider key never reaches the output
     assert fleet.staging_left() == []  # the controller's staging copy was removed
@@ -163,7 +179,7 @@ def test_config_change_restarts_one_batch_at_a_time(fleet, releases):
     # A setting of the config file and a unit drop-in (verified with the unit, then
     # daemon-reload): one restart per node for both.
     before = [service(n) for n in fleet.nodes]
-    result = fleet.play("-e", "xcflushd_frequency=7",
+    result = fleet.play("-e", "xcflushd_frequency=7", "-e", "gateway_batch_size=1",
                         "-e", '{"xcflushd_unit_overrides": "[Service]\\nEnvironment=E2E_DROPIN=1\\n"}',
                         release=releases[0])
     assert result.returncode == 0, ok(result)
@@ -198,7 +214,7 @@ def test_a_wrong_provider_key_stops_the_rollout_at_the_first_node(fleet, release
     assert service(gw1)["ActiveState"] == "active"
     assert gw1.run(["cat", "/etc/credstore/xcflushd.provider_key"]).stdout == "pk-wrong\n"
     assert [(service(n)["MainPID"], ssh_logins(n)) for n in (gw2, gw3)] == before
-    assert fleet.clear_staging() == 1  # a stopped rollout keeps its staging copy (docs/deployment.md)
+    assert len(fleet.staging_left()) == 1  # a stopped rollout keeps its staging copy (docs/deployment.md)
 
 
 def running_frequency(node) -> float:
@@ -223,7 +239,8 @@ def test_a_run_that_fails_after_the_config_write_loses_no_restart(fleet, release
     assert "NoSuchSetting" in failed.output, ok(failed)  # systemd-analyze verify refused it
     assert "frequency = 9\n" in gw1.run(["cat", "/etc/xcflushd/xcflushd.conf"]).stdout
     assert service(gw1)["MainPID"] == pid and running_frequency(gw1) != 9  # not restarted
-    assert fleet.clear_staging() == 1
+    # This run removed the copy the stopped run before it had left; its own is left.
+    assert len(fleet.staging_left()) == 1
 
     rerun = fleet.play("--limit", "gw1", "-e", "xcflushd_frequency=9", release=releases[0])
     assert rerun.returncode == 0, ok(rerun)
@@ -268,64 +285,69 @@ def test_bad_variables_stop_before_any_node(fleet, releases):
 
 
 @pytest.fixture
-def gw2_cannot_start(fleet):
-    """gw2's unit gets a drop-in that fails every start; the running daemon is not touched."""
-    gw2 = fleet.nodes[1]
-    gw2.write("/etc/systemd/system/xcflushd.service.d/99-broken.conf",
+def gw1_cannot_start(fleet):
+    """gw1's unit gets a drop-in that fails every start; the running daemon is not touched."""
+    gw1 = fleet.nodes[0]
+    gw1.write("/etc/systemd/system/xcflushd.service.d/99-broken.conf",
               "[Service]\nExecStartPre=/bin/false\n")
-    gw2.systemctl("daemon-reload")
-    yield gw2
-    gw2.run(["rm", "-f", "/etc/systemd/system/xcflushd.service.d/99-broken.conf"])
-    gw2.systemctl("daemon-reload")
+    gw1.systemctl("daemon-reload")
+    yield gw1
+    gw1.run(["rm", "-f", "/etc/systemd/system/xcflushd.service.d/99-broken.conf"])
+    gw1.systemctl("daemon-reload")
 
 
-def test_failed_restart_stops_the_rollout(fleet, releases, gw2_cannot_start):
+def test_a_failed_canary_stops_the_rollout(fleet, releases, gw1_cannot_start):
+    # Step 6 of the walk-through: release 2 in its own directory, its version pinned in
+    # group_vars/all.yml, the same rollout command. The canary gw1 fails; its batch is the
+    # first, so gw2 and gw3 are never touched.
     gw1, gw2, gw3 = fleet.nodes
-    gw3_before = service(gw3)
-    gw3_logins = ssh_logins(gw3)
-    result = fleet.play(release=releases[1])
+    before = [(service(n), ssh_logins(n)) for n in (gw2, gw3)]
+    fleet.place(releases[1])
+    set_var(fleet.inventory / "group_vars" / "all.yml", "xcflushd_version",
+            f"xcflushd_version: {releases[1].version}")
+    result = fleet.walk("rollout")
     assert result.returncode != 0, ok(result)
-    assert result.recap["gw1"]["failed"] == 0 and result.recap["gw2"]["failed"] == 1, ok(result)
-    assert "gw3" not in result.recap, ok(result)  # the rollout stopped before gw3's batch
-    # gw1: the new release, up, with its unit from the signed release. gw2: the new release
-    # installed, its restart failed.
-    assert version(gw1) == releases[1].version and service(gw1)["ActiveState"] == "active"
-    assert RELEASE2_UNIT_MARK in gw1.run(["cat", "/etc/systemd/system/xcflushd.service"]).stdout
-    assert version(gw2) == releases[1].version and service(gw2)["ActiveState"] != "active"
-    # gw3: never touched -- the old release, the same process still running.
-    assert version(gw3) == releases[0].version
-    assert ssh_logins(gw3) == gw3_logins
-    now = service(gw3)
-    assert (now["MainPID"], now["ActiveState"]) == (gw3_before["MainPID"], "active"), (gw3_before, now)
-    assert fleet.clear_staging() == 1
-
+    assert result.recap["gw1"]["failed"] == 1 and set(result.recap) == {"localhost", "gw1"}, ok(result)
+    # gw1: the new release installed, its restart failed.
+    assert version(gw1) == releases[1].version and service(gw1)["ActiveState"] != "active"
+    for node, (old, logins) in zip((gw2, gw3), before):
+        assert version(node) == releases[0].version and ssh_logins(node) == logins
+        now = service(node)
+        assert (now["MainPID"], now["ActiveState"]) == (old["MainPID"], "active"), (old, now)
+    assert len(fleet.staging_left()) == 1
 
 
 def test_rerun_after_the_fix_resumes_at_the_failed_node(fleet, releases):
-    # gw2_cannot_start has been undone. gw2 recorded no release (its service never came up),
+    # gw1_cannot_start has been undone. gw1 recorded no release (its service never came up),
     # so this run installs and restarts it again although its files did not change.
-    gw2 = fleet.nodes[1]
-    result = fleet.play("--limit", "gw2", release=releases[1])
+    gw1 = fleet.nodes[0]
+    result = fleet.walk("resume", {"node": "gw1"})
     assert result.returncode == 0, ok(result)
     assert "Install the release into the virtualenv" in result.output
-    assert version(gw2) == releases[1].version
-    assert (service(gw2)["ActiveState"], service(gw2)["SubState"]) == ("active", "running")
-    stamp = gw2.run(["cat", "/opt/xcflushd/.xcflushd-release"]).stdout
+    assert version(gw1) == releases[1].version
+    assert (service(gw1)["ActiveState"], service(gw1)["SubState"]) == ("active", "running")
+    # Its unit came from the signed release 2.
+    assert RELEASE2_UNIT_MARK in gw1.run(["cat", "/etc/systemd/system/xcflushd.service"]).stdout
+    stamp = gw1.run(["cat", "/opt/xcflushd/.xcflushd-release"]).stdout
     assert stamp.startswith(releases[1].wheel.name + " sha256:"), stamp
+    assert fleet.staging_left() == []  # and the stopped run's copy is gone
 
 
 def test_rollback_from_the_installed_collection(fleet, releases, installed_collection):
-    # The collection as ansible-galaxy installs it, run from outside the checkout without its
-    # ansible.cfg, rolls gw1 and gw2 back to release 1 (pinned by xcflushd_version), in one
-    # batch; gw3 already runs it.
-    result = fleet.play("-e", f"xcflushd_version={releases[0].version}", "-e", "gateway_batch_size=3",
-                        release=releases[0], collections=installed_collection)
+    # The walk-through's rollback: the previous version pinned again in group_vars/all.yml,
+    # run with the collection as ansible-galaxy installs it, from outside the checkout
+    # without its ansible.cfg. Only gw1 runs release 2: only gw1 is reinstalled.
+    set_var(fleet.inventory / "group_vars" / "all.yml", "xcflushd_version",
+            fleet.session.yaml("rollback", {"previous version": releases[0].version}))
+    result = fleet.walk("collection", collections=installed_collection)
     assert result.returncode == 0, ok(result)
-    assert result.changed("gw1") > 0 and result.changed("gw2") > 0, ok(result)
     for node in fleet.nodes:
         assert version(node) == releases[0].version
         assert (service(node)["ActiveState"], service(node)["SubState"]) == ("active", "running")
-    assert "Install the release into the virtualenv" in result.output, ok(result)
+    installs = re.findall(r"^TASK \[(?:\S+\.)?xcflushd : Install the release into the virtualenv.*?\n\n", result.output,
+                          re.M | re.S)
+    reinstalled = set(re.findall(r"^changed: \[(gw\d)\]", "".join(installs), re.M))
+    assert reinstalled == {"gw1"}, ok(result)
     # The unit is rolled back with the wheel: it comes from the signed release.
     assert all(RELEASE2_UNIT_MARK not in n.run(["cat", "/etc/systemd/system/xcflushd.service"]).stdout
                for n in fleet.nodes)

@@ -2,7 +2,10 @@
 
 import io
 import json
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -13,6 +16,7 @@ from signing.keys import normalize_fingerprint
 
 DIGEST = "sha256:" + "ab" * 32
 ZERO = "0" * 64
+REPO = Path(__file__).resolve().parents[2]
 
 
 @given(reference=st.text(min_size=1), timestamp=st.integers(0, 2**40),
@@ -145,3 +149,53 @@ def test_wheelhouse_tops_up_what_the_image_interpreter_needs(tmp_path):
 def test_wheelhouse_refuses_another_python_minor(tmp_path):
     with pytest.raises(errors.SetupError, match="Python 3.99"):
         wheelhouse.build("x.whl", str(tmp_path), {"python_version": "3.99"}, run=None)
+
+
+def _house(tmp_path):
+    """xcflushd's shape: redis needs async-timeout below 3.11.3 only (Debian 12 has 3.11.2)."""
+    house = tmp_path / "dist"
+    house.mkdir()
+    _wheel(house, "redis", ['async-timeout>=4.0.3; python_full_version < "3.11.3"'])
+    _wheel(house, "app", ["redis>=4.5"])
+    return house
+
+
+def _check(house, version):
+    return subprocess.run([sys.executable, "-m", "signing", "wheelhouse", "--check", "--house", str(house),
+                           "--python-version", version], cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
+def test_wheelhouse_check_names_what_the_nodes_python_lacks(tmp_path):
+    # Resolved by a builder's 3.11.7, the house lacks what the nodes' 3.11.2 needs.
+    house = _house(tmp_path)
+    assert _check(house, "3.11.7").returncode == 0
+    proc = _check(house, "3.11.2")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAIL  async-timeout>=4.0.3: needed on Python 3.11.2, no wheel for it" in proc.stdout
+    assert "Traceback" not in proc.stderr
+    _wheel(house, "async_timeout", [])
+    assert _check(house, "3.11.2").returncode == 0
+
+
+def test_wheelhouse_check_refuses_a_wheel_built_for_another_python(tmp_path):
+    house = _house(tmp_path)
+    _wheel(house, "async_timeout", [])
+    _wheel(house, "hiredis", [])
+    (house / "hiredis-1-py3-none-any.whl").rename(house / "hiredis-1-cp312-cp312-manylinux_2_17_x86_64.whl")
+    proc = _check(house, "3.11.2")
+    assert proc.returncode == 1
+    assert "hiredis-1-cp312-cp312-manylinux_2_17_x86_64.whl: not installable on Python 3.11.2" in proc.stdout
+    (house / "broken-1-py3-none-any.whl").write_bytes(b"not a zip")
+    proc = _check(house, "3.11.2")
+    assert proc.returncode == 2 and "broken-1-py3-none-any.whl: not a wheel" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_sign_dist_checks_the_wheelhouse_before_signing(tmp_path):
+    house = _house(tmp_path)
+    proc = subprocess.run(["make", "-s", "-o", ".venv/.installed", "-o", ".venv/.signing", "sign-dist",
+                           f"DIST_DIR={house}", f"PY={sys.executable}", f"SECRET_KEY_FILE={tmp_path / 'no-key.asc'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "async-timeout>=4.0.3: needed on Python 3.11.2" in proc.stdout, proc.stdout + proc.stderr
+    assert not (house / "SHA256SUMS.asc").exists()

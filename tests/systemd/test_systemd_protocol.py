@@ -9,6 +9,7 @@ that moves about once a second when idle, so a WatchdogSec under ~2 s would
 starve a healthy daemon now and then (seen with 1 s: one 1.0 s gap in eight).
 """
 
+import re
 import signal
 import time
 
@@ -139,3 +140,28 @@ def test_status_says_stale_authorizations_are_served_in_a_backend_outage(notify_
     line = next((s for s in statuses(notify_socket) if "BACKEND OUTAGE" in s), statuses(notify_socket))
     assert "serving 1 stale authorization(s) until " in line and "(--backend-outage resilient)" in line, line
     client.close()
+
+
+def _seconds(clock: str) -> int:
+    hours, minutes, seconds = (int(part) for part in clock.rstrip("Z").split(":"))
+    return 3600 * hours + 60 * minutes + seconds
+
+
+def test_status_names_the_next_flush_not_the_last(notify_socket, redis_up, start_daemon):
+    # The status is written when a cycle ends; the next cycle's time must be known by then
+    # (it was "-" after the first cycle, then the time of the cycle that had just run).
+    daemon = start_daemon(redis_up.address, closed_backend(), frequency=40)
+    daemon.expect(notify_socket, "READY", "1")
+    for _ in range(60):  # the first cycle is immediate; its connection refused at once
+        flushes = [s for s in statuses(notify_socket) if s.startswith("last flush")]
+        if flushes:
+            break
+        notify_socket.poll(0.5)
+    assert flushes, statuses(notify_socket)
+    status = flushes[0]
+    match = re.search(r"^last flush (\d\d:\d\d:\d\dZ): .*; next flush (\S+)$", status)
+    assert match, status
+    last, following = match.groups()
+    assert following != "-", status
+    # One frequency later (minus the cycle's own time; modulo midnight).
+    assert 30 <= (_seconds(following) - _seconds(last)) % 86400 <= 40, status
