@@ -186,12 +186,12 @@ class PriorityRenewer:
                 metrics.priority_request("elsewhere")
 
     def _submit(self, key: Tuple) -> None:
-        service_id, creds, _ = key
+        service_id, creds, metric = key
         try:
             # The metric as predicted usage 0: the backend then checks its name,
             # so an unknown one is answered 0:metric_invalid, never 1 (known_metrics.py).
             queued = self.backend.submit_authorize(service_id, creds, lambda outcome: self._answers.put((key, outcome)),
-                                                   metrics=(request.metric,))
+                                                   metrics=(metric,))
         except BackendError as exc:  # no credentials for that service: nothing to ask
             self._answers.put((key, exc))
             return
