@@ -126,6 +126,12 @@ def test_an_unreadable_answer_fails_one_call_and_the_same_request_is_answered_af
         server.close()
 
 
+def test_a_priority_request_is_answered_over_a_unix_socket(sim, r, redis_server, renewer_for):
+    """Keepalive is a TCP option: set on a unix socket's connection, every connection failed."""
+    renewer_for(sim.url, redis_url=redis_server.unix_url)
+    assert Gateway(r).priority_authorization("555", A1, "hits") == "1"
+
+
 def test_the_listeners_connection_finds_a_silent_redis_by_tcp_keepalive(redis_server):
     """Set by us, not left to redis-py's default: it has keepalive only since 8.0 (measured: 7.2 had
     none), and no TCP_USER_TIMEOUT, without which the health check's unanswered PING kept a silent

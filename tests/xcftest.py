@@ -54,6 +54,11 @@ class RedisServer:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def unix_url(self) -> str:
+        """The same server on its unix socket, as a gateway node's Redis may be reached."""
+        return f"unix://{self.dir}/redis.sock"
+
     def start(self):
         binary = shutil.which("redis-server")
         if binary is None:
@@ -62,6 +67,7 @@ class RedisServer:
             ["--save", "", "--appendonly", "no"]
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+             "--unixsocket", os.path.join(self.dir, "redis.sock"), "--unixsocketperm", "700",
              "--daemonize", "no", "--loglevel", "warning", *persistence],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port)

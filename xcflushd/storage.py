@@ -342,8 +342,9 @@ def connect(url: str, password: Optional[str] = None, pool_size: int = 32, timeo
     """A client whose strings round-trip any bytes the gateway wrote, under the one retry policy."""
     kwargs = dict(decode_responses=True, encoding_errors="surrogateescape", socket_timeout=timeout,
                   socket_connect_timeout=min(timeout, 5.0), max_connections=pool_size,
-                  socket_keepalive=True, socket_keepalive_options=_KEEPALIVE,
                   health_check_interval=30, client_name="xcflushd", retry=BoundedRetry(retry_budget))
+    if not url.startswith("unix:"):  # TCP options: a unix socket's connection class refuses them
+        kwargs.update(socket_keepalive=True, socket_keepalive_options=_KEEPALIVE)
     packer = _command_packer()
     if packer is not None:
         kwargs["command_packer"] = packer
