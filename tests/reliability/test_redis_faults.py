@@ -487,8 +487,9 @@ def test_a_daemon_whose_redis_becomes_a_replica_counts_failed_cycles_and_keeps_r
     assert out.count("flush cycle failed") >= 3, out[-3000:]
 
 
-REPLIES = st.one_of(st.text(max_size=300), st.sampled_from(["BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN", "READONLY",
-                                                            "NOPERM", "WRONGTYPE", "OOM", "MISCONF", "ERR"]).flatmap(
+REPLIES = st.one_of(st.text(max_size=300), st.sampled_from(["BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN",
+                                                            "NOREPLICAS", "READONLY", "NOPERM", "WRONGTYPE", "OOM",
+                                                            "MISCONF", "ERR"]).flatmap(
     lambda code: st.text(max_size=200).map(lambda rest: f"{code} {rest}")))
 
 
@@ -513,7 +514,7 @@ def test_every_redis_error_is_one_line_of_one_of_three_kinds_and_quotes_no_key(r
     elif cls is redis.OutOfMemoryError or reply_to_a_command and reply.startswith("OOM"):
         assert type(error) is StorageFull
     elif cls is redis.exceptions.NoScriptError or reply_to_a_command and reply.split(" ", 1)[0] in (
-            "BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN", "NOSCRIPT"):
+            "BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS", "NOSCRIPT"):
         assert type(error) is StorageUnavailable
     else:
         assert type(error) is StorageRefused, (cls, reply)
