@@ -11,6 +11,7 @@ from xcflushd.flusher import Flusher, FlushSettings
 from xcflushd.keys import Credentials, auth_key, report_key
 from xcflushd.storage import Cycle, Storage, connect
 from xcflushd_sim.gateway import Gateway
+from xcflushd_sim.server import Simulator
 
 A1 = Credentials({"app_id": "a1b2c3", "app_key": "s3cr3t"})
 ODD = Credentials({"app_id": "a:i,1", "app_key": "k:e,y"})
@@ -122,7 +123,7 @@ def test_batches_only_confirmed_apps_and_never_loses_others_to_an_unknown_app(si
     for creds in apps:
         gateway.cache_report("555", creds, "hits")
     cold = flusher.flush_once()
-    assert cold.report_calls == 3  # nothing confirmed yet: one call each
+    assert cold.report_calls == 1  # nothing cached yet: each checked, then the three in one batch
 
     sim.backend.reset()
     for creds in apps:
@@ -138,6 +139,32 @@ def test_batches_only_confirmed_apps_and_never_loses_others_to_an_unknown_app(si
     assert {app: received["555"][app] for app in ("free1", "free2", "free3")} == \
         {"free1": {"hits": 10}, "free2": {"hits": 10}, "free3": {"hits": 10}}
     assert "ghost" not in received.get("555", {})
+
+
+def test_an_access_token_alone_never_joins_a_batch(r, gateway, flusher_for):
+    """Its transaction names no application: the backend answers 202 and drops the whole
+    call (observed), so a cached 1 or a good check must not put it beside others."""
+    config = {"provider_key": "pk-test", "services": [
+        {"id": "555", "default": True, "backend_version": "oauth", "metrics": {"hits": None},
+         "plans": {"free": {}},
+         "applications": [{"app_id": "o1", "plan": "free", "access_tokens": ["tok1"]},
+                          {"app_id": "free1", "plan": "free"}, {"app_id": "free2", "plan": "free"}]}]}
+    token_only = Credentials({"access_token": "tok1"})
+    simulator = Simulator(config).start()
+    try:
+        flusher = flusher_for(simulator)
+        results = []
+        for _ in range(2):  # cold, then with cached authorizations
+            for creds in (Credentials({"app_id": "free1"}), Credentials({"app_id": "free2"}), token_only):
+                gateway.cache_report("555", creds, "hits", 2)
+            results.append(flusher.flush_once())
+        assert r.hget(auth_key("555", token_only), "hits") == "1"  # cached: it would have vouched
+        assert [res.report_calls for res in results] == [2, 2]  # the two app ids batched, the token alone
+        received = simulator.backend.received()["555"]
+        assert received["free1"] == {"hits": 4} and received["free2"] == {"hits": 4}
+        assert "free1" not in simulator.backend.dropped().get("555", {})
+    finally:
+        simulator.stop()
 
 
 def test_batch_size_one_disables_batching(sim, r, gateway, flusher_for):

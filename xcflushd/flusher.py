@@ -357,7 +357,7 @@ class Flusher:
                 reports = self.storage.read_reports(chunk, cycle)
                 # Only a flag per report is kept: the cached hashes (a dict of
                 # strings each) would stay alive while the chunk is batched.
-                confirmed = [_confirmed(c, r.usage) for c, r in zip(self.storage.cached_authorizations(
+                confirmed = [_confirmed(c, r) for c, r in zip(self.storage.cached_authorizations(
                     [auth_key(r.service_id, r.credentials) for r in reports]), reports)]
             except StorageRefused as exc:
                 self._refuse(exc)
@@ -376,27 +376,39 @@ class Flusher:
                 if not confirmed[i]:
                     unconfirmed.append(report)
                     continue
-                if not batching:
-                    yield [report]
-                    continue
-                size = len(report.usage) + 1
-                batch = batches.setdefault(report.service_id, [])
-                if batch and (len(batch) >= self.settings.batch_size or
-                              params[report.service_id] + size > self.settings.batch_max_params - _PARAMS_PER_CALL):
-                    yield batch
-                    batch = batches[report.service_id] = []
-                    params[report.service_id] = 0
-                batch.append(report)
-                params[report.service_id] = params.get(report.service_id, 0) + size
-            yield from ([report] for report in self._checked(unconfirmed, cycle, result, acks))
+                full = self._batch(report, batches, params) if batching else [report]
+                if full:
+                    yield full
+            # A check that found the application and every name it reports confirms it as a cached
+            # authorization does (decision 5), only fresher: a cold cycle batches too.
+            for report, found in self._checked(unconfirmed, cycle, result, acks):
+                full = self._batch(report, batches, params) if batching and found else [report]
+                if full:
+                    yield full
         if not self._stopping():
             yield from (b for b in batches.values() if b)
 
+    def _batch(self, report: Report, batches: Dict[str, List[Report]], params: Dict[str, int]
+               ) -> Optional[List[Report]]:
+        """Put a report in its service's batch; returns the batch it closed, to be sent."""
+        size = len(report.usage) + 1
+        batch = batches.setdefault(report.service_id, [])
+        closed = None
+        if batch and (len(batch) >= self.settings.batch_size or
+                      params[report.service_id] + size > self.settings.batch_max_params - _PARAMS_PER_CALL):
+            closed = batch
+            batch = batches[report.service_id] = []
+            params[report.service_id] = 0
+        batch.append(report)
+        params[report.service_id] = params.get(report.service_id, 0) + size
+        return closed
+
     def _checked(self, reports: List[Report], cycle: Cycle, result: FlushResult, acks: "_Acks"
-                 ) -> Iterator[Report]:
+                 ) -> Iterator[Tuple[Report, bool]]:
         """Ask the backend about the metrics of reports no cached authorization vouches for; yield
         each as its answer comes (what the backend knows of it), so its report call starts while
-        other checks are in flight.
+        other checks are in flight, and whether the answer found its application by the credentials
+        its transaction carries (so it may be batched).
 
         A report not yielded went to the dead letter whole, or stays in Redis:
         put back for the next cycle, or in its hand-over key when stopping.
@@ -424,7 +436,7 @@ class Flusher:
                 else:
                     report = self._set_aside(report, outcome.refused, result) if outcome.refused else report
                     if report is not None:
-                        yield report
+                        yield report, outcome.status is None and _identified(report)
 
     def _set_aside(self, report: Report, refused: Dict[str, Tuple[str, str]], result: FlushResult
                    ) -> Optional[Report]:
@@ -597,17 +609,23 @@ class _Acks:
             self.result.add(delivered=len(pending), hits=sum(sum(r.usage.values()) for r in pending))
 
 
-def _confirmed(cached: Dict[str, str], usage: Dict[str, int]) -> bool:
+def _identified(report: Report) -> bool:
+    """Its transaction names the application: an access token alone it does not (observed: the
+    backend answers 202, then drops the whole call, "application with id="" was not found")."""
+    return report.credentials.get("app_id") is not None or report.credentials.get("user_key") is not None
+
+
+def _confirmed(cached: Dict[str, str], report: Report) -> bool:
     """A live auth hash shows the application exists and knows these metrics.
 
     A metric's field alone does not: a denial of the application (a wrong
     app_key, say) covers names the backend never checked.
     """
-    if not cached:
+    if not cached or not _identified(report):
         return False
     if any(denial_reason(v) in UNKNOWN_APPLICATION for v in cached.values()):
         return False
-    return all(cached.get(metric) in KNOWN_METRIC_VALUES for metric in usage)
+    return all(cached.get(metric) in KNOWN_METRIC_VALUES for metric in report.usage)
 
 
 class _PhaseClock:

@@ -109,7 +109,9 @@ def test_redis_stall_during_the_report_phase_makes_no_duplicate(tmp_path, own_re
         gateway = Gateway(client)
         for app in apps:
             gateway.cache_report(app.service_id, app.creds, app.metrics[0], 3)
-        args = flush_args(tmp_path, own_redis, sim) + ["--threads", "8", "--backend-read-timeout", "1"]
+        # One call per application (no batch), so that eight are in flight at once.
+        args = flush_args(tmp_path, own_redis, sim) + ["--threads", "8", "--backend-read-timeout", "1",
+                                                       "--report-batch-size", "1"]
         daemon = daemon_process(args)
         wait_until(lambda: sim.backend.calls()["report"] >= 8, 20, what="report calls in flight")
         client.execute_command("CLIENT", "PAUSE", "2500", "WRITE")  # ends by itself

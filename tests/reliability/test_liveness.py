@@ -21,7 +21,7 @@ from xcflushd.defaults import LEASE_PREFIX
 from xcflushd.errors import StorageFull
 from xcflushd.flusher import Flusher, FlushSettings
 from xcflushd.heartbeat import Heartbeat
-from xcflushd.keys import Credentials, report_key
+from xcflushd.keys import Credentials, auth_key, report_key
 from xcflushd.storage import Cycle, Storage, connect
 from xcflushd_sim.gateway import Gateway
 from xcflushd_sim.server import Simulator
@@ -51,11 +51,13 @@ def daemon_args(redis_server, sim, key_file, **options):
 class Books:
     """Usage written by a gateway, and what the simulator received of it."""
 
-    def __init__(self, client, apps, hits=2):
+    def __init__(self, client, apps, hits=2, cached=False):
         self.apps = apps
         gateway = Gateway(client)
         for app in apps:
             gateway.cache_report(app.service_id, app.creds, app.metrics[0], hits)
+            if cached:  # a cached 1 vouches for the metric: the report call is the cycle's first
+                client.hset(auth_key(app.service_id, app.creds), app.metrics[0], "1")
         self.written = {(k, m): n for (_, k, m), n in gateway.written.items()}
 
     def received(self, sim):
@@ -117,13 +119,13 @@ def test_sigterm_during_a_slow_report_with_a_second_daemon_watching_counts_nothi
     """The report takes longer than the heartbeat's TTL (15 s): the record must outlive it."""
     redis_server = RedisServer()
     client = no_retry_client(redis_server.port)
-    books = Books(client, known_apps(4))  # one call each, all four in flight at once
+    books = Books(client, known_apps(4), cached=True)
     try:
         with Simulator(chaos_config(), latency=19.0) as sim:
             first = daemon_process(daemon_args(redis_server, sim, key_file, frequency=600,
                                                **{"auth-ttl": 600, "backend-read-timeout": 25,
                                                   "max-term-wait": 30}))
-            reports_in_flight(sim, 4)
+            reports_in_flight(sim)
             sim.latency = 0.0  # the watching daemon's own calls are quick: any adoption counts at once
             first.proc.send_signal(15)
             second = daemon_process(daemon_args(redis_server, sim, key_file))
@@ -148,14 +150,14 @@ def test_a_cycle_without_a_lease_is_not_adopted_while_its_heartbeat_beats(lease,
         monkeypatch.setattr(storage_module, "ALLOW_OOM", "")  # the scripts as Redis < 7 runs them
     redis_server = RedisServer()
     client = no_retry_client(redis_server.port)
-    books = Books(client, known_apps(3))
+    books = Books(client, known_apps(3), cached=True)
     try:
         with Simulator(chaos_config(), latency=2.0) as sim:
             owner = InProcessDaemon(redis_server.url, sim)
             if refused:
                 fill(client)
             owner.start()
-            reports_in_flight(sim, 3)
+            reports_in_flight(sim)
             if not refused:
                 for lease_key in client.scan_iter(LEASE_PREFIX + "*"):
                     # The owner's heartbeat id alone: what daemons of earlier versions look up.
@@ -225,11 +227,11 @@ def test_a_daemon_in_another_pid_namespace_does_not_adopt_a_live_cycle(key_file,
     """Same host name (host networking), two PID namespaces: our pid is free in the other one."""
     redis_server = RedisServer()
     client = no_retry_client(redis_server.port)
-    books = Books(client, known_apps(3))
+    books = Books(client, known_apps(3), cached=True)
     try:
         with Simulator(chaos_config(), latency=10.0) as sim:
             owner = InProcessDaemon(redis_server.url, sim).start()
-            reports_in_flight(sim, 3)
+            reports_in_flight(sim)
             other = daemon_process(daemon_args(redis_server, sim, key_file), wrapper=[
                 "unshare", "--pid", "--fork", "--mount-proc", "--kill-child"])
             wait_until(lambda: other.output().count(CYCLE_DONE) >= 2, 9, what="two cycles of the other daemon")
@@ -255,13 +257,13 @@ def test_a_stop_waits_out_a_report_call_longer_than_max_term_wait(key_file, daem
     """Exiting with the call in flight leaves usage in Redis that the backend applies: counted twice."""
     redis_server = RedisServer()
     client = no_retry_client(redis_server.port)
-    books = Books(client, known_apps(2))
+    books = Books(client, known_apps(2), cached=True)
     try:
         with Simulator(chaos_config(), latency=4.0) as sim:
             daemon = daemon_process(daemon_args(redis_server, sim, key_file, frequency=600,
                                                 **{"auth-ttl": 600, "backend-read-timeout": 6,
                                                    "max-term-wait": 1}))
-            reports_in_flight(sim, 2)
+            reports_in_flight(sim)
             daemon.proc.send_signal(15)
             assert daemon.proc.wait(20) == 0
             sim.latency = 0.0
