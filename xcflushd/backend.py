@@ -412,14 +412,7 @@ class BackendClient:
         Raises BackendRejected (no credentials for that service) without queueing.
         """
         def finished(_tag, outcome):
-            if not isinstance(outcome, BackendError):
-                try:
-                    outcome = parse_status(outcome)
-                except BackendError as exc:
-                    outcome = exc
-            if self.observer is not None:
-                self.observer(outcome)
-            done(outcome)
+            done(self._outcome(outcome, parse_status))
 
         return self.transport.submit_priority(self._authorize_request(service_id, creds, metrics), finished)
 
@@ -464,16 +457,20 @@ class BackendClient:
         for tag, resp in self.transport.request_many(requests(), concurrency, max_weight, on_idle):
             while unbuildable:
                 yield unbuildable.pop()
-            if not isinstance(resp, BackendError):
-                try:
-                    resp = outcome(resp)
-                except BackendError as exc:
-                    resp = exc
-            if self.observer is not None:
-                self.observer(resp)
-            yield tag, resp
+            yield tag, self._outcome(resp, outcome)
         while unbuildable:
             yield unbuildable.pop()
+
+    def _outcome(self, resp, parse):
+        """What a call came to: the parsed answer or one BackendError; the observer sees each."""
+        if not isinstance(resp, BackendError):
+            try:
+                resp = parse(resp)
+            except BackendError as exc:
+                resp = exc
+        if self.observer is not None:
+            self.observer(resp)
+        return resp
 
     def close(self):
         self.transport.close()
