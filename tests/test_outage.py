@@ -91,6 +91,26 @@ def warm_up(gateway, flusher):
     return before
 
 
+def test_an_outage_ends_in_a_cycle_without_traffic_once_the_backend_answers(sim, r, outage_flusher, caplog):
+    """With nothing to report no call would tell: the kept-alive authorizations and the alert
+    would last until --max-stale. One read-only authorize (check-backend's) asks."""
+    gateway = Gateway(r)
+    flusher = outage_flusher(sim, "resilient")
+    warm_up(gateway, flusher)
+    sim.backend.set_faults(DOWN)
+    # A priority call fails (the calls of either path feed the tracker): the outage starts.
+    assert [type(o) for _, o in flusher.backend.authorize_many([(None, "555", NEW)], 1)] == [BackendUnavailable]
+    flusher.flush_once()  # nothing to report, the backend still down: the outage goes on
+    assert flusher.outage.in_outage
+
+    sim.backend.set_faults({"rate": 0.0})
+    quiet = flusher.flush_once()
+    assert quiet.ok and quiet.reports == 0
+    assert not flusher.outage.in_outage
+    assert "backend outage ended after" in caplog.text
+    assert sim.backend.received()["555"] == {"a1b2c3": {"hits": 3}, "small": {"hits": 2}, "free1": {"hits": 1}}
+
+
 @pytest.mark.slow  # 4-7 s: the outage outlasts the auth TTL, then --max-stale passes
 @pytest.mark.parametrize("mode", ["strict", "resilient"])
 def test_an_outage_longer_than_the_auth_ttl(mode, sim, r, outage_flusher, caplog):

@@ -84,6 +84,13 @@ class ServiceCredentials:
             return [("provider_key", self._provider_key), ("service_id", service_id)]
         raise BackendRejected(0, "no_credentials", f"no provider key or service token for service {service_id}")
 
+    def any_service(self) -> Optional[str]:
+        """A service these credentials cover: the provider's default ("") with a provider key, else
+        the first with a token; None without either."""
+        if self._provider_key:
+            return ""
+        return min(self._tokens) if self._tokens else None
+
     def __repr__(self):
         key = "set" if self._provider_key else "unset"
         return f"ServiceCredentials(provider_key={key}, services_with_token={sorted(self._tokens)})"

@@ -22,8 +22,9 @@ from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 from . import defaults, known_metrics, metrics
 from .backend import LIMITS_EXCEEDED, BackendClient
 from .errors import BackendError, BackendRejected, MalformedKey, StorageFull, StorageRefused, StorageUnavailable
-from .keys import AUTHORIZED, auth_key, denial_reason, denied, iter_chunks, parse_report_key, redact_key
+from .keys import AUTHORIZED, Credentials, auth_key, denial_reason, denied, iter_chunks, parse_report_key, redact_key
 from .outage import OutageTracker
+from .probe import PROBE_APP_ID
 from .storage import Cycle, HandOver, Report, Storage
 
 log = logging.getLogger(__name__)
@@ -278,6 +279,8 @@ class Flusher:
     def _through_outage(self, result: FlushResult) -> None:
         """After each cycle: settle the outage state; while it lasts (resilient, allow), hold every
         cached authorization alive. Runs every --frequency <= --auth-ttl, so none expires between two."""
+        if self.outage.quiet() and not self.stop.is_set():
+            self._ask_backend()
         self.outage.settle()
         ttl = self.outage.keep_alive_ttl(self.settings.auth_ttl)
         if ttl:
@@ -287,6 +290,17 @@ class Flusher:
                 log.warning("backend outage: cached authorizations not kept alive this cycle: %s", exc)
                 return
         self.outage.kept_alive(result.kept_alive)
+
+    def _ask_backend(self) -> None:
+        """A cycle that made no backend call cannot tell that an outage is over, and a node without
+        traffic would keep authorizations alive and the alert firing until --max-stale: one
+        read-only authorize for an application that cannot exist (as check-backend) asks, and is
+        judged like any call (a 404 application_not_found is an answer)."""
+        service_id = self.backend.service_credentials.any_service()
+        if service_id is not None:
+            probe = [(None, service_id, Credentials({"app_id": PROBE_APP_ID}))]
+            for _ in self.backend.authorize_many(probe, 1):
+                self.last_progress = time.monotonic()
 
     # ---- report phase --------------------------------------------------------
 

@@ -119,6 +119,11 @@ class OutageTracker:
                     duration, kept, allowed)
         return True
 
+    def quiet(self) -> bool:
+        """In an outage, and no call answered or failed since the cycle began: nothing could end it."""
+        with self._lock:
+            return self.started_at is not None and not self._answered and not self._failed
+
     # ---- decisions -------------------------------------------------------------
 
     @property
