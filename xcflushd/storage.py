@@ -490,26 +490,34 @@ return alive
 """
 
 
+#: Scripts that only move or free data, or write a few bytes that say who owns what: they run with
+#: ``allow-oom`` where the server knows it (Redis >= 7).
+_MOVING_SCRIPTS = {"restore": _RESTORE, "dead_letter": _DEAD_LETTER, "dead_letter_metrics": _DEAD_LETTER_METRICS,
+                   "hset": _HSET_SMALL, "set_ex": _SET_EX_SMALL}
+#: Scripts that a full Redis may refuse, or that need no memory.
+_PLAIN_SCRIPTS = {"count_failure": _COUNT_FAILURE, "cache_and_answer": _CACHE_AND_ANSWER, "claim": _CLAIM,
+                  "keep_alive": _KEEP_ALIVE}
+
+
 class Storage:
     def __init__(self, client: redis.Redis, chunk: int = REDIS_CHUNK):
         self.redis = client
         self.chunk = chunk
-        self._cache_script = None
-        self._claim_script = None
-        self._keep_alive_script = None
-        self._scripts: Optional[Dict[str, object]] = None
+        self._scripts: Dict[str, Any] = {}
+        self._oom_flag: Optional[str] = None
 
     def _script(self, name: str):
-        """The named script, with ``allow-oom`` where the server knows it (Redis >= 7) but for the failure counter."""
-        if self._scripts is None:
-            version = str(self.redis.info("server").get("redis_version", "0"))
-            prefix = ALLOW_OOM if int(version.split(".")[0] or 0) >= 7 else ""
-            self._scripts = {n: self.redis.register_script(prefix + body) for n, body in (
-                ("restore", _RESTORE), ("dead_letter", _DEAD_LETTER), ("dead_letter_metrics", _DEAD_LETTER_METRICS),
-                ("hset", _HSET_SMALL),
-                ("set_ex", _SET_EX_SMALL))}
-            self._scripts["count_failure"] = self.redis.register_script(_COUNT_FAILURE)
-        return self._scripts[name]
+        """The named script, registered at its first use (see _MOVING_SCRIPTS and _PLAIN_SCRIPTS)."""
+        script = self._scripts.get(name)
+        if script is None:
+            body = _PLAIN_SCRIPTS.get(name)
+            if body is None:
+                if self._oom_flag is None:
+                    version = str(self.redis.info("server").get("redis_version", "0"))
+                    self._oom_flag = ALLOW_OOM if int(version.split(".")[0] or 0) >= 7 else ""
+                body = self._oom_flag + _MOVING_SCRIPTS[name]
+            script = self._scripts[name] = self.redis.register_script(body)
+        return script
 
     # ---- leases ------------------------------------------------------------
 
@@ -818,10 +826,8 @@ class Storage:
         """Hold every cached authorization (``auth,*``, found with SCAN) but ``skip`` alive for
         ``ttl`` seconds at least; returns how many there are."""
         skip = frozenset(skip)
-        if self._keep_alive_script is None:
-            self._keep_alive_script = self.redis.register_script(_KEEP_ALIVE)
         keys = (k for k in self.redis.scan_iter(match="auth,*", count=1000) if k not in skip)
-        return sum(int(self._keep_alive_script(keys=chunk, args=[ttl])) for chunk in iter_chunks(keys, self.chunk))
+        return sum(int(self._script("keep_alive")(keys=chunk, args=[ttl])) for chunk in iter_chunks(keys, self.chunk))
 
     @_storage_errors
     def cache_and_answer(self, auths: Dict[str, Dict[str, str]], answers: Sequence[Tuple[str, str]],
@@ -837,9 +843,7 @@ class Storage:
     def claim(self, messages: Sequence[str], owner: str, ttl_ms: int) -> List[bool]:
         """Claim priority request messages for ``owner``, one round trip: True where it is ours
         to answer, False where another daemon took it (and will answer after our request)."""
-        if self._claim_script is None:
-            self._claim_script = self.redis.register_script(_CLAIM)
-        taken = self._claim_script(keys=[CLAIM_PREFIX + m for m in messages], args=[owner, ttl_ms])
+        taken = self._script("claim")(keys=[CLAIM_PREFIX + m for m in messages], args=[owner, ttl_ms])
         return [bool(t) for t in taken]
 
     def _cache_and_answer(self, auths: Iterable[Tuple[str, Dict[str, str]]], answers: Sequence[Tuple[str, str]],
@@ -856,9 +860,7 @@ class Storage:
         args: List[Any] = [ttl, *counts, *fields]
         for answer in answers:
             args.extend(answer)
-        if self._cache_script is None:
-            self._cache_script = self.redis.register_script(_CACHE_AND_ANSWER)
-        refused, failure = self._cache_script(keys=keys, args=args)
+        refused, failure = self._script("cache_and_answer")(keys=keys, args=args)
         if failure:
             raise redis.ResponseError(failure)  # e.g. WRONGTYPE: a key that is not a hash
         return int(refused)

@@ -89,9 +89,9 @@ def lab():
     # reply would be a command Redis did not run, not the case under test.
     client = connect(server.url)
     storage = Storage(client)
-    storage._script("restore")
-    for body in [s.script for s in storage._scripts.values()] + [
-            storage_module._CACHE_AND_ANSWER, deadletter._REQUEUE, deadletter._DROP]:
+    for name in [*storage_module._MOVING_SCRIPTS, *storage_module._PLAIN_SCRIPTS]:
+        storage._script(name)
+    for body in [s.script for s in storage._scripts.values()] + [deadletter._REQUEUE, deadletter._DROP]:
         client.script_load(body)
     client.close()
     yield server, proxy, sim, backend
